@@ -1,0 +1,283 @@
+"""Dynamic batcher: one per model. Knows nothing of gRPC or tensors.
+
+Requests from all clients are split into items and queued. When the device is free the batcher
+forms one batch under a padded-token budget (``items x longest item <= max_batch_tokens``) and an
+item cap: it sorts the queue by length and grows a window around the oldest item (so nothing
+starves), each step taking the neighbour that keeps padding efficiency (real / padded tokens)
+highest. It waits at most ``max_wait_ms`` after the oldest arrival for a fuller batch. The queue is
+bounded (ResourceExhausted when full). Items whose client has gone or whose deadline passed are
+dropped before the forward. The forward runs in an executor (one worker thread per device) so the
+event loop keeps accepting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from reward_server.errors import DeadlineExceeded, ResourceExhausted, ServiceError, Unavailable
+
+log = logging.getLogger(__name__)
+
+
+class BatchObserver(Protocol):
+    """Receives what the batcher measures (the metrics module implements it)."""
+
+    def on_batch(self, model: str, items: int, real_tokens: int, padded_tokens: int, seconds: float) -> None: ...
+    def on_queue_time(self, model: str, seconds: float) -> None: ...
+    def on_queue_depth(self, model: str, depth: int) -> None: ...
+    def on_dropped(self, model: str, reason: str, count: int) -> None: ...
+
+
+class _NullObserver:
+    def on_batch(self, *a: Any) -> None: ...
+    def on_queue_time(self, *a: Any) -> None: ...
+    def on_queue_depth(self, *a: Any) -> None: ...
+    def on_dropped(self, *a: Any) -> None: ...
+
+
+@dataclass
+class _Pending:
+    payload: Any
+    length: int
+    future: asyncio.Future
+    enqueued: float
+    deadline: float | None
+    seq: int = field(default=0)
+
+
+@dataclass
+class Submitted:
+    """Results of one submit, in order, with the slowest item's queue and batch time."""
+
+    results: list[Any]
+    queue_seconds: float
+    inference_seconds: float
+
+
+def plan_window(lengths: Sequence[int], anchor: int, max_tokens: int, max_items: int) -> list[int]:
+    """Indices of the batch to run: a window in length order around `anchor`.
+
+    Pure function (unit-tested). The padded cost of a window is ``count * max(length)``; each
+    step adds the shorter or the longer neighbour, whichever leaves the higher efficiency, while
+    the cost fits `max_tokens` and the count fits `max_items`.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    pos = order.index(anchor)
+    lo = hi = pos
+    longest = real = lengths[anchor]
+    count = 1
+    while count < max_items:
+        best: tuple[float, str] | None = None
+        if lo > 0:
+            cost = longest * (count + 1)
+            if cost <= max_tokens:
+                best = ((real + lengths[order[lo - 1]]) / cost, "l")
+        if hi + 1 < len(order):
+            new_len = lengths[order[hi + 1]]
+            cost = new_len * (count + 1)
+            if cost <= max_tokens:
+                eff = (real + new_len) / cost
+                if best is None or eff > best[0]:
+                    best = (eff, "r")
+        if best is None:
+            break
+        if best[1] == "l":
+            lo -= 1
+            real += lengths[order[lo]]
+        else:
+            hi += 1
+            longest = lengths[order[hi]]
+            real += longest
+        count += 1
+    return order[lo : hi + 1]
+
+
+class DynamicBatcher:
+    """Batches items of one model; `submit` is called from request handlers on the event loop."""
+
+    def __init__(
+        self,
+        name: str,
+        run_batch: Callable[[list[Any]], list[Any]],
+        executor: Executor,
+        *,
+        max_batch_tokens: int,
+        max_batch_items: int,
+        max_wait_ms: float,
+        max_queue_items: int,
+        observer: BatchObserver | None = None,
+    ) -> None:
+        self.name = name
+        self._run_batch = run_batch
+        self._executor = executor
+        self.max_batch_tokens = max_batch_tokens
+        self.max_batch_items = max_batch_items
+        self.max_wait = max_wait_ms / 1000.0
+        self.max_queue_items = max_queue_items
+        self._obs: BatchObserver = observer or _NullObserver()
+        self._queue: list[_Pending] = []
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self._closed = False
+        self._busy = False
+        self._seq = 0
+        self.forwards = 0  # batches run (tests and benchmarks read it)
+        self.items_forwarded = 0
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        """Start the scheduling task on the running loop."""
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._loop(), name=f"batcher-{self.name}")
+
+    def close(self) -> None:
+        """Refuse new work (UNAVAILABLE); queued work still runs."""
+        self._closed = True
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """Wait until nothing is queued or running; False on timeout."""
+        end = time.monotonic() + timeout
+        while self._queue or self._busy:
+            if time.monotonic() >= end:
+                return False
+            await asyncio.sleep(0.01)
+        return True
+
+    async def stop(self) -> None:
+        """Cancel the scheduling task."""
+        if self._task:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+
+    @property
+    def depth(self) -> int:
+        """Items waiting in the queue."""
+        return len(self._queue)
+
+    # ------------------------------------------------------------------ submit
+    async def submit(self, payloads: Sequence[Any], lengths: Sequence[int], deadline: float | None = None) -> Submitted:
+        """Queue items and wait for their results (in order).
+
+        `deadline` is a `time.monotonic()` instant; items still queued then are dropped with
+        DeadlineExceeded. If the caller is cancelled (client gone), its items are dropped.
+        """
+        if self._closed:
+            raise Unavailable("server is draining for shutdown; retry on another replica")
+        if len(self._queue) + len(payloads) > self.max_queue_items:
+            self._obs.on_dropped(self.name, "queue_full", len(payloads))
+            raise ResourceExhausted(
+                f"queue of model {self.name!r} is full ({len(self._queue)} queued + {len(payloads)} new > "
+                f"max_queue_items {self.max_queue_items}); retry with backoff"
+            )
+        loop = asyncio.get_running_loop()
+        now = time.monotonic()
+        futures = []
+        for payload, length in zip(payloads, lengths, strict=True):
+            fut = loop.create_future()
+            self._seq += 1
+            self._queue.append(_Pending(payload, int(length), fut, now, deadline, self._seq))
+            futures.append(fut)
+        self._obs.on_queue_depth(self.name, len(self._queue))
+        self._wakeup.set()
+        try:
+            outs = await asyncio.gather(*futures)
+        except BaseException:
+            for f in futures:
+                f.cancel()  # dropped before the forward if still queued
+            raise
+        return Submitted([o[0] for o in outs], max(o[1] for o in outs), max(o[2] for o in outs))
+
+    # ------------------------------------------------------------------ scheduling
+    def _drop_dead(self) -> None:
+        now = time.monotonic()
+        keep, cancelled, expired = [], 0, 0
+        for p in self._queue:
+            if p.future.done():
+                cancelled += 1
+            elif p.deadline is not None and now >= p.deadline:
+                p.future.set_exception(DeadlineExceeded(f"deadline passed after {now - p.enqueued:.3f}s in the queue of model {self.name!r}"))
+                expired += 1
+            else:
+                keep.append(p)
+        if cancelled:
+            self._obs.on_dropped(self.name, "cancelled", cancelled)
+        if expired:
+            self._obs.on_dropped(self.name, "deadline", expired)
+        self._queue = keep
+
+    def _window(self) -> list[int]:
+        lengths = [p.length for p in self._queue]
+        anchor = min(range(len(self._queue)), key=lambda i: self._queue[i].seq)
+        return plan_window(lengths, anchor, self.max_batch_tokens, self.max_batch_items)
+
+    async def _loop(self) -> None:
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            while True:
+                self._drop_dead()
+                if not self._queue:
+                    break
+                window = self._window()
+                full = len(window) < len(self._queue) or len(window) >= self.max_batch_items
+                oldest = min(p.enqueued for p in self._queue)
+                remaining = oldest + self.max_wait - time.monotonic()
+                if not full and remaining > 0 and not self._closed:
+                    try:
+                        await asyncio.wait_for(self._wakeup.wait(), remaining)
+                        self._wakeup.clear()
+                    except asyncio.TimeoutError:
+                        pass
+                    continue
+                await self._dispatch(window)
+            self._obs.on_queue_depth(self.name, len(self._queue))
+
+    async def _dispatch(self, window: list[int]) -> None:
+        chosen = set(window)
+        batch = [self._queue[i] for i in sorted(window, key=lambda i: self._queue[i].seq)]
+        self._queue = [p for i, p in enumerate(self._queue) if i not in chosen]
+        self._obs.on_queue_depth(self.name, len(self._queue))
+        start = time.monotonic()
+        for p in batch:
+            self._obs.on_queue_time(self.name, start - p.enqueued)
+        payloads = [p.payload for p in batch]
+        real = sum(p.length for p in batch)
+        padded = max(p.length for p in batch) * len(batch)
+        self._busy = True
+        try:
+            results = await asyncio.get_running_loop().run_in_executor(self._executor, self._run_batch, payloads)
+        except ServiceError as exc:
+            self._fail(batch, exc)
+            return
+        except Exception as exc:  # a bug or device failure: fail this batch, keep serving
+            log.exception("forward failed for model %r on a batch of %d items", self.name, len(batch))
+            self._fail(batch, exc)
+            return
+        finally:
+            self._busy = False
+        seconds = time.monotonic() - start
+        self.forwards += 1
+        self.items_forwarded += len(batch)
+        self._obs.on_batch(self.name, len(batch), real, padded, seconds)
+        if len(results) != len(batch):
+            self._fail(batch, RuntimeError(f"model {self.name!r} returned {len(results)} results for {len(batch)} items"))
+            return
+        for p, r in zip(batch, results, strict=True):
+            if not p.future.done():
+                p.future.set_result((r, start - p.enqueued, seconds))
+
+    @staticmethod
+    def _fail(batch: list[_Pending], exc: BaseException) -> None:
+        for p in batch:
+            if not p.future.done():
+                p.future.set_exception(exc)

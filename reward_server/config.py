@@ -1,0 +1,225 @@
+"""Typed server configuration: a YAML file and command-line flags, validated once at load.
+
+Keys in YAML are the flag names with underscores (``--max-batch-tokens`` -> ``max_batch_tokens``).
+Flags override the file. `ServerConfig.validate` runs once; everything after trusts the values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+TRUNCATIONS = ("error", "left", "right")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+QUANTIZATIONS = ("none", "8bit", "4bit")
+BACKENDS = ("torch", "onnx")
+
+
+class ConfigError(ValueError):
+    """A configuration value is wrong; the message names the key and the accepted values."""
+
+
+@dataclass
+class ServerConfig:
+    """Everything `reward-server serve` needs. Each field is also a flag and a YAML key."""
+
+    host: str = "127.0.0.1"
+    """Address to bind. Loopback unless told otherwise (0.0.0.0 in containers)."""
+    port: int = 50051
+    """gRPC port (0 picks a free one; the chosen port is logged)."""
+    reward_models: dict[str, str] = field(default_factory=dict)
+    """Reward models to serve: name -> local directory or hub id."""
+    reference_models: dict[str, str] = field(default_factory=dict)
+    """Reference (frozen policy) models: name -> local directory or hub id."""
+    adapters: dict[str, str] = field(default_factory=dict)
+    """Optional PEFT adapter per model name (merged into the weights for inference)."""
+    combinations: dict[str, str] = field(default_factory=dict)
+    """Named combinations of reward models served as one `model`, e.g.
+    ``{"overall": "weighted:helpful=1.0,safe=0.5"}`` or ``{"gated": "min:helpful,safe"}``."""
+    head_combine: dict[str, str] = field(default_factory=dict)
+    """Per multi-head reward model: how `score` comes from its heads (``head:NAME``, ``mean``,
+    ``min``, ``weighted:a=1,b=0.5``); default is the first head."""
+    default_reward_model: str = ""
+    """Model answering a Score request with an empty `model` (default: the first reward model)."""
+    default_reference_model: str = ""
+    """Model answering ReferenceLogProbs with an empty `model` (default: the first one)."""
+    device: str = "auto"
+    """auto (CUDA when present), cpu, cuda or cuda:N."""
+    dtype: str = "auto"
+    """Weights dtype: auto (bfloat16 on CUDA when supported, float32 on CPU), float32, bfloat16,
+    float16. Log-probs are always computed in float32."""
+    quantization: str = "none"
+    """bitsandbytes weight quantization for reward models: none, 8bit or 4bit."""
+    backend: str = "torch"
+    """Reward-model backend: torch, or onnx (a directory written by `reward-server export-onnx`)."""
+    trust_remote_code: bool = False
+    """Run model code shipped with a checkpoint. Off unless the operator turns it on."""
+    max_batch_tokens: int = 0
+    """Padded-token budget of one batch (items x longest item). 0 = per device: 2048 on CPU
+    (measured best for GPT-2-small shapes there, see docs/BENCHMARKS.md), 16384 on CUDA."""
+    max_batch_items: int = 64
+    """Most items in one forward."""
+    max_wait_ms: float = 5.0
+    """Longest an item waits for a fuller batch once the device is free."""
+    max_queue_items: int = 4096
+    """Queued items per model before new requests get RESOURCE_EXHAUSTED."""
+    max_items_per_request: int = 512
+    """Most items (or sequences) in one request; clients split larger batches."""
+    max_input_tokens: int = 0
+    """Longest input accepted (tokens); 0 = the model's own maximum."""
+    truncation: str = "error"
+    """Default for inputs over the limit: error (INVALID_ARGUMENT), left or right."""
+    logprob_slice_mb: float = 64.0
+    """Memory budget (MiB) for one [rows, vocab] float32 logits slice in ReferenceLogProbs; the
+    full [batch, seq, vocab] tensor is never built."""
+    tokenizer_threads: int = 2
+    """Threads for tokenisation (the fast tokenizers release the GIL)."""
+    warmup: bool = True
+    """Run one largest-batch forward per model before reporting SERVING."""
+    metrics_port: int = 0
+    """Prometheus metrics HTTP port (0 = off)."""
+    grace_seconds: float = 30.0
+    """On SIGTERM, how long in-flight work may take to finish before the server stops."""
+    max_message_mb: int = 64
+    """Largest gRPC message accepted and sent (MiB)."""
+    max_connection_age_s: float = 0.0
+    """Close client connections after this age so clients re-resolve DNS (0 = never)."""
+    tls_cert: str = ""
+    """Server certificate (PEM). With tls_key, the server speaks TLS only."""
+    tls_key: str = ""
+    """Server private key (PEM)."""
+    tls_client_ca: str = ""
+    """CA bundle for client certificates: when set, clients must present one (mutual TLS)."""
+    auth_token_file: str = ""
+    """File of accepted bearer tokens, one per line (env RLHF_AUTH_TOKENS adds comma-separated)."""
+    open_health: bool = False
+    """Let the health service answer without credentials (for probes) when auth is on."""
+    log_level: str = "INFO"
+    """Python logging level."""
+    log_format: str = "text"
+    """text or json (one JSON object per line)."""
+
+    # ---------------------------------------------------------------- loading
+    @classmethod
+    def from_sources(cls, yaml_path: str | None, overrides: dict[str, Any]) -> ServerConfig:
+        """Build from an optional YAML file, then flag overrides (non-None values win), validated."""
+        data: dict[str, Any] = {}
+        if yaml_path:
+            path = Path(yaml_path)
+            if not path.is_file():
+                raise ConfigError(f"config file {yaml_path!r} does not exist")
+            loaded = yaml.safe_load(path.read_text()) or {}
+            if not isinstance(loaded, dict):
+                raise ConfigError(f"config file {yaml_path!r} must hold a mapping")
+            data.update(loaded)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown config key(s) {unknown}; known keys: {sorted(known)}")
+        for key, value in overrides.items():
+            if value is None:
+                continue
+            if key in ("reward_models", "reference_models", "adapters", "combinations", "head_combine"):
+                merged = dict(data.get(key) or {})
+                merged.update(value)
+                data[key] = merged
+            else:
+                data[key] = value
+        cfg = cls(**data)
+        cfg.validate()
+        return cfg
+
+    # ---------------------------------------------------------------- checks
+    def validate(self) -> None:
+        """Check every value once; raise ConfigError naming the key."""
+
+        def need(cond: bool, msg: str) -> None:
+            if not cond:
+                raise ConfigError(msg)
+
+        for key in ("reward_models", "reference_models", "adapters", "combinations", "head_combine"):
+            val = getattr(self, key)
+            need(isinstance(val, dict), f"{key} must be a mapping of name -> value")
+            setattr(self, key, {str(k): str(v) for k, v in val.items()})
+        need(bool(self.reward_models or self.reference_models), "serve at least one model: --reward-model or --reference-model")
+        names = list(self.reward_models) + list(self.reference_models) + list(self.combinations)
+        dup = {n for n in names if names.count(n) > 1}
+        need(not dup, f"model names must be unique across roles; repeated: {sorted(dup)}")
+        for name in self.adapters:
+            need(name in self.reward_models or name in self.reference_models, f"adapter for unknown model {name!r}")
+        for name in self.head_combine:
+            need(name in self.reward_models, f"head_combine for unknown reward model {name!r}")
+        if self.reward_models and not self.default_reward_model:
+            self.default_reward_model = next(iter(self.reward_models))
+        if self.reference_models and not self.default_reference_model:
+            self.default_reference_model = next(iter(self.reference_models))
+        need(
+            not self.default_reward_model or self.default_reward_model in self.reward_models or self.default_reward_model in self.combinations,
+            f"default_reward_model {self.default_reward_model!r} is not a served reward model",
+        )
+        need(
+            not self.default_reference_model or self.default_reference_model in self.reference_models,
+            f"default_reference_model {self.default_reference_model!r} is not a served reference model",
+        )
+        need(self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        need(self.quantization in QUANTIZATIONS, f"quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}")
+        need(self.backend in BACKENDS, f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        need(self.truncation in TRUNCATIONS, f"truncation must be one of {TRUNCATIONS}, got {self.truncation!r}")
+        need(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"), f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        need(self.log_format in ("text", "json"), f"log_format must be text or json, got {self.log_format!r}")
+        need(0 <= int(self.port) <= 65535, f"port out of range: {self.port}")
+        need(self.max_batch_tokens >= 0, "max_batch_tokens must be >= 0 (0 = per-device default)")
+        need(self.max_batch_items >= 1, "max_batch_items must be >= 1")
+        need(self.max_queue_items >= self.max_batch_items, "max_queue_items must be >= max_batch_items")
+        need(self.max_items_per_request >= 1, "max_items_per_request must be >= 1")
+        need(self.max_input_tokens >= 0, "max_input_tokens must be >= 0")
+        need(math.isfinite(self.max_wait_ms) and self.max_wait_ms >= 0, "max_wait_ms must be >= 0")
+        need(self.logprob_slice_mb > 0, "logprob_slice_mb must be > 0")
+        need(self.tokenizer_threads >= 1, "tokenizer_threads must be >= 1")
+        need(self.grace_seconds >= 0, "grace_seconds must be >= 0")
+        need(self.max_message_mb >= 1, "max_message_mb must be >= 1")
+        need(bool(self.tls_cert) == bool(self.tls_key), "tls_cert and tls_key go together")
+        need(not self.tls_client_ca or bool(self.tls_cert), "tls_client_ca (mutual TLS) needs tls_cert and tls_key")
+        for key in ("tls_cert", "tls_key", "tls_client_ca", "auth_token_file"):
+            val = getattr(self, key)
+            need(not val or os.path.isfile(val), f"{key}: file {val!r} does not exist")
+        if self.backend == "onnx":
+            need(self.quantization == "none", "quantization applies to the torch backend only")
+
+    def resolved_max_batch_tokens(self, device: str) -> int:
+        """The padded-token budget for a device (the configured one, else the device default)."""
+        if self.max_batch_tokens:
+            return self.max_batch_tokens
+        return 16384 if device.startswith("cuda") else 2048
+
+    def auth_tokens(self) -> list[str]:
+        """Accepted bearer tokens from the token file and RLHF_AUTH_TOKENS (never logged)."""
+        tokens: list[str] = []
+        if self.auth_token_file:
+            tokens += [t.strip() for t in Path(self.auth_token_file).read_text().splitlines()]
+        tokens += os.environ.get("RLHF_AUTH_TOKENS", "").split(",")
+        return [t for t in tokens if t]
+
+
+def parse_named(values: list[str] | None, flag: str, bare_name: str) -> dict[str, str] | None:
+    """Parse repeated ``[NAME=]VALUE`` flags; a bare value is named ``bare_name`` (then
+    ``bare_name2``, ...)."""
+    if not values:
+        return None
+    out: dict[str, str] = {}
+    for i, raw in enumerate(values):
+        name, sep, val = raw.partition("=")
+        if not sep or "/" in name or name.startswith("."):
+            name, val = (bare_name if i == 0 else f"{bare_name}{i + 1}"), raw
+        if not name or not val:
+            raise ConfigError(f"{flag}: expected [NAME=]VALUE, got {raw!r}")
+        if name in out:
+            raise ConfigError(f"{flag}: name {name!r} given twice")
+        out[name] = val
+    return out

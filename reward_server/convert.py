@@ -1,0 +1,85 @@
+"""Conversion between protobuf messages and the internal types: the one place that does it."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from reward_server.api.rlhf.v1 import reward_service_pb2 as pb
+from reward_server.engine import ItemResult, ModelDescription, Timing
+from reward_server.models.reference import RefSequence
+from reward_server.models.reward import ScoreInput
+
+TRUNCATION_FROM_PB = {
+    pb.TRUNCATION_UNSPECIFIED: "",
+    pb.TRUNCATION_ERROR: "error",
+    pb.TRUNCATION_LEFT: "left",
+    pb.TRUNCATION_RIGHT: "right",
+}
+TRUNCATION_TO_PB = {v: k for k, v in TRUNCATION_FROM_PB.items() if v}
+ROLE_TO_PB = {
+    "reward": pb.MODEL_ROLE_REWARD,
+    "reference": pb.MODEL_ROLE_REFERENCE,
+    "combination": pb.MODEL_ROLE_REWARD_COMBINATION,
+}
+
+
+def score_inputs(request: pb.ScoreRequest) -> list[ScoreInput]:
+    """ScoreRequest items -> ScoreInput."""
+    out = []
+    for it in request.items:
+        if len(it.messages):
+            out.append(ScoreInput(messages=[{"role": m.role, "content": m.content} for m in it.messages]))
+        else:
+            out.append(ScoreInput(prompt=it.prompt, completion=it.completion))
+    return out
+
+
+def truncation(request: pb.ScoreRequest) -> str:
+    """The request's truncation policy name ("" = server default)."""
+    return TRUNCATION_FROM_PB.get(request.truncation, "")
+
+
+def timing_pb(t: Timing) -> pb.Timing:
+    """Seconds -> milliseconds message."""
+    return pb.Timing(
+        queue_ms=t.queue * 1e3, tokenize_ms=t.tokenize * 1e3, inference_ms=t.inference * 1e3, total_ms=t.total * 1e3
+    )
+
+
+def score_response(model: str, results: Sequence[ItemResult], t: Timing, request_id: str) -> pb.ScoreResponse:
+    """Internal results -> ScoreResponse."""
+    resp = pb.ScoreResponse(model=model, timing=timing_pb(t), request_id=request_id)
+    for r in results:
+        s = resp.scores.add(score=r.score, num_tokens=r.num_tokens, truncated=r.truncated)
+        s.head_scores.update(r.head_scores)
+        if r.normalized_score is not None:
+            s.normalized_score = r.normalized_score
+            s.has_normalized_score = True
+    return resp
+
+
+def ref_sequences(request: pb.ReferenceLogProbsRequest) -> list[RefSequence]:
+    """ReferenceLogProbsRequest sequences -> RefSequence (temperature set by the engine)."""
+    return [RefSequence(list(s.token_ids), int(s.response_start)) for s in request.sequences]
+
+
+def logprobs_response(model: str, arrays: Sequence[np.ndarray], t: Timing, request_id: str) -> pb.ReferenceLogProbsResponse:
+    """Arrays of log-probs -> ReferenceLogProbsResponse."""
+    return pb.ReferenceLogProbsResponse(
+        model=model,
+        results=[pb.SequenceLogProbs(logprobs=a) for a in arrays],
+        timing=timing_pb(t),
+        request_id=request_id,
+    )
+
+
+def model_info(d: ModelDescription) -> pb.ModelInfo:
+    """ModelDescription -> ModelInfo."""
+    return pb.ModelInfo(
+        name=d.name, role=ROLE_TO_PB[d.role], heads=d.heads, tokenizer_fingerprint=d.fingerprint, dtype=d.dtype,
+        backend=d.backend, device=d.device, max_input_tokens=d.max_input_tokens, is_default=d.is_default,
+        vocab_size=d.vocab_size, source=d.source, has_chat_template=d.has_chat_template,
+        has_normalization=d.has_normalization, combine=d.combine,
+    )

@@ -1,0 +1,1 @@
+"""The model layer: loading checkpoints and running batched forwards. Imports no grpc."""

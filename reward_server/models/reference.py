@@ -1,0 +1,158 @@
+"""The frozen reference model: per-token log-probs of given token sequences.
+
+Computed exactly as the trainer computes them (REFERENCES.md items 10-11): logits at position
+t-1 score token t, divided by the temperature, float32 log-softmax, no top-k/top-p, position ids
+from the attention mask. The [batch, seq, vocab] logits tensor is never built: the decoder runs
+once, then the LM head and log-softmax run over slices of the response positions sized to a memory
+budget (vllm #5907 ran out of memory building it whole).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from reward_server.errors import InvalidArgument
+from reward_server.fingerprint import tokenizer_fingerprint
+from reward_server.models.loading import load_model, load_tokenizer, max_positions
+from reward_server.models.runner import run_with_oom_split
+
+
+@dataclass
+class RefSequence:
+    """One sequence: token ids, index of the first response token, temperature."""
+
+    token_ids: list[int]
+    response_start: int
+    temperature: float = 1.0
+
+
+def validate_temperature(temperature: float) -> float:
+    """0 means 1.0; NaN, infinite or negative values are rejected."""
+    if temperature == 0:
+        return 1.0
+    if not math.isfinite(temperature) or temperature < 0:
+        raise InvalidArgument(f"temperature must be a finite number > 0 (0 means 1.0), got {temperature}")
+    return float(temperature)
+
+
+class ReferenceRunner:
+    """A loaded `AutoModelForCausalLM` serving log-probs."""
+
+    role = "reference"
+
+    def __init__(
+        self,
+        name: str,
+        source: str,
+        *,
+        device: str,
+        dtype: Any,
+        adapter: str = "",
+        trust_remote_code: bool = False,
+        max_input_tokens: int = 0,
+        slice_bytes: int = 64 << 20,
+        model: Any = None,
+        tokenizer: Any = None,
+    ) -> None:
+        from transformers import AutoModelForCausalLM
+
+        self.name, self.source, self.device = name, source, device
+        self.tokenizer = tokenizer or load_tokenizer(source, trust_remote_code)
+        self.model = model or load_model(
+            AutoModelForCausalLM, source, device=device, dtype=dtype, adapter=adapter, trust_remote_code=trust_remote_code
+        )
+        self.dtype = str(next(self.model.parameters()).dtype).replace("torch.", "")
+        self.trunk = getattr(self.model, self.model.base_model_prefix)
+        self.lm_head = self.model.get_output_embeddings()
+        self.vocab_size = min(
+            int(self.model.get_input_embeddings().num_embeddings), int(self.lm_head.weight.shape[0])
+        )
+        self.logits_vocab = int(self.lm_head.weight.shape[0])
+        limit = max_positions(self.model, self.tokenizer)
+        self.max_len = min(limit, max_input_tokens) if max_input_tokens else limit
+        self.fingerprint = tokenizer_fingerprint(self.tokenizer)
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        # Rows of one [rows, vocab] float32 slice; x3 for the logits, log-softmax and temporaries.
+        self.slice_rows = max(1, slice_bytes // (self.logits_vocab * 4 * 3))
+        cfg = self.model.config
+        self.softcap = getattr(cfg, "final_logit_softcapping", None)
+        self.logit_scale = getattr(cfg, "logit_scale", None)
+        self.has_chat_template = bool(getattr(self.tokenizer, "chat_template", None))
+
+    def validate(self, seqs: Sequence[RefSequence]) -> None:
+        """InvalidArgument naming the sequence index and the limit."""
+        for i, s in enumerate(seqs):
+            n = len(s.token_ids)
+            if n < 2:
+                raise InvalidArgument(f"sequence {i}: needs at least 2 tokens (a prompt token and a response token), got {n}")
+            if n > self.max_len:
+                raise InvalidArgument(f"sequence {i}: {n} tokens, over the limit of {self.max_len} for model {self.name!r}")
+            if not 1 <= s.response_start < n:
+                raise InvalidArgument(
+                    f"sequence {i}: response_start {s.response_start} out of range; it must be in [1, {n - 1}] for {n} tokens"
+                )
+            lo, hi = min(s.token_ids), max(s.token_ids)
+            if lo < 0 or hi >= self.vocab_size:
+                bad = lo if lo < 0 else hi
+                raise InvalidArgument(
+                    f"sequence {i}: token id {bad} out of vocabulary [0, {self.vocab_size - 1}] of model {self.name!r}"
+                )
+
+    def forward(self, batch: Sequence[RefSequence]) -> list[np.ndarray]:
+        """Log-probs of positions response_start..len-1 per sequence (float32 arrays)."""
+        return run_with_oom_split(self._forward, batch)
+
+    def _forward(self, batch: Sequence[RefSequence]) -> list[np.ndarray]:
+        import torch
+
+        dev = self.device
+        width = max(len(s.token_ids) for s in batch)
+        ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)  # [B, T]
+        mask = torch.zeros((len(batch), width), dtype=torch.long)  # [B, T]
+        rows, cols, temps = [], [], []
+        for b, s in enumerate(batch):
+            n = len(s.token_ids)
+            ids[b, :n] = torch.tensor(s.token_ids)
+            mask[b, :n] = 1
+            k = n - s.response_start
+            rows += [b] * k
+            cols += range(s.response_start, n)
+            temps += [s.temperature] * k
+        # position_ids = cumsum(mask) - 1 (REFERENCES.md item 11): padding never moves a position.
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)  # [B, T]
+        rows_t = torch.tensor(rows, device=dev)  # [N]
+        cols_t = torch.tensor(cols, device=dev)  # [N]
+        temps_t = torch.tensor(temps, dtype=torch.float32, device=dev)  # [N]
+        with torch.inference_mode():
+            out = self.trunk(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev))
+            hidden = out[0]  # [B, T, H]
+            h = hidden[rows_t, cols_t - 1]  # [N, H]: logits at t-1 score token t
+            targets = ids.to(dev)[rows_t, cols_t]  # [N]
+            logps = torch.empty(len(rows), dtype=torch.float32, device=dev)  # [N]
+            for a in range(0, len(rows), self.slice_rows):
+                e = min(a + self.slice_rows, len(rows))
+                logits = self.lm_head(h[a:e]).float()  # [S, V]
+                if self.logit_scale:
+                    logits = logits * float(self.logit_scale)
+                if self.softcap:
+                    logits = torch.tanh(logits / self.softcap) * self.softcap
+                logits = logits / temps_t[a:e, None]
+                logps[a:e] = torch.log_softmax(logits, dim=-1).gather(-1, targets[a:e, None]).squeeze(-1)
+        flat = logps.cpu().numpy()
+        result, offset = [], 0
+        for s in batch:
+            k = len(s.token_ids) - s.response_start
+            result.append(flat[offset : offset + k].copy())
+            offset += k
+        return result
+
+    def warmup_items(self, budget_tokens: int, max_items: int) -> list[RefSequence]:
+        """The largest batch the batcher can form, for warm-up."""
+        n = max(1, min(max_items, budget_tokens // max(2, min(self.max_len, 64))))
+        length = max(2, min(self.max_len, budget_tokens // n))
+        return [RefSequence([0] * length, 1, 1.0) for _ in range(n)]

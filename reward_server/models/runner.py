@@ -1,0 +1,40 @@
+"""What every model runner shares: the batch interface the batcher calls, and CUDA OOM splitting."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def is_oom(exc: BaseException) -> bool:
+    """True for a CUDA out-of-memory error."""
+    import torch
+
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def run_with_oom_split(forward: Callable[[Sequence[T]], list[R]], batch: Sequence[T]) -> list[R]:
+    """Run `forward(batch)`; on CUDA out-of-memory split the batch in halves and retry each
+    (DESIGN.md: a batch is split and retried, not failed). A single item that still does not fit
+    re-raises."""
+    try:
+        return forward(batch)
+    except RuntimeError as exc:
+        if not is_oom(exc) or len(batch) <= 1:
+            raise
+        import torch
+
+        torch.cuda.empty_cache()
+        half = len(batch) // 2
+        log.warning("out of memory on a batch of %d items; splitting into %d + %d", len(batch), half, len(batch) - half)
+        return run_with_oom_split(forward, batch[:half]) + run_with_oom_split(forward, batch[half:])
+
+
+def lengths_of(items: Sequence[Any]) -> list[int]:
+    """Token lengths of encoded items (each has `input_ids` or `token_ids`)."""
+    return [len(getattr(it, "input_ids", None) or it.token_ids) for it in items]

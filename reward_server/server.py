@@ -1,0 +1,130 @@
+"""Server lifecycle: bind, load, warm up, report SERVING, drain on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+
+from reward_server.api.rlhf.v1 import reward_service_pb2 as pb
+from reward_server.api.rlhf.v1 import reward_service_pb2_grpc as pb_grpc
+from reward_server.auth import HEALTH_METHODS, BearerAuthInterceptor, server_credentials
+from reward_server.config import ServerConfig
+from reward_server.engine import Engine
+from reward_server.metrics import ServerMetrics
+from reward_server.servicer import RewardServicer
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RewardService"].full_name
+
+
+def grpc_options(cfg: ServerConfig) -> list[tuple[str, int]]:
+    """Channel options: message limits and connection age (clients re-resolve DNS)."""
+    size = cfg.max_message_mb << 20
+    opts = [("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size)]
+    if cfg.max_connection_age_s:
+        opts += [
+            ("grpc.max_connection_age_ms", int(cfg.max_connection_age_s * 1000)),
+            ("grpc.max_connection_age_grace_ms", int(max(cfg.grace_seconds, 5) * 1000)),
+        ]
+    return opts
+
+
+class RewardServer:
+    """One running service: gRPC server, health, reflection, metrics, engine."""
+
+    def __init__(self, cfg: ServerConfig) -> None:
+        self.cfg = cfg
+        self.metrics = ServerMetrics()
+        self.engine = Engine(cfg, self.metrics)
+        self.servicer = RewardServicer(self.engine, self.metrics)
+        self.health = health_aio.HealthServicer()
+        self.port = 0
+        self._stop = asyncio.Event()
+        interceptors = []
+        tokens = cfg.auth_tokens()
+        if tokens:
+            interceptors.append(BearerAuthInterceptor(tokens, HEALTH_METHODS if cfg.open_health else ()))
+        self.server = grpc.aio.server(options=grpc_options(cfg), interceptors=interceptors)
+        pb_grpc.add_RewardServiceServicer_to_server(self.servicer, self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        names = (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
+        reflection.enable_server_reflection(names, self.server)
+        self.auth_enabled = bool(tokens)
+
+    async def _set_health(self, status: int) -> None:
+        for svc in ("", SERVICE_NAME):
+            await self.health.set(svc, status)
+
+    async def start(self) -> None:
+        """Bind and start answering (health NOT_SERVING), then load, warm up and go SERVING."""
+        cfg = self.cfg
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        addr = f"{cfg.host}:{cfg.port}"
+        if cfg.tls_cert:
+            self.port = self.server.add_secure_port(addr, server_credentials(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca))
+        else:
+            self.port = self.server.add_insecure_port(addr)
+        await self.server.start()
+        log.info(
+            "listening on %s:%d (%s%s); loading models", cfg.host, self.port,
+            "mutual TLS" if cfg.tls_client_ca else "TLS" if cfg.tls_cert else "plaintext",
+            ", bearer-token auth" if self.auth_enabled else "",
+        )
+        if cfg.metrics_port:
+            self.metrics.serve_http(cfg.metrics_port, cfg.host)
+            log.info("metrics on http://%s:%d/metrics", cfg.host, cfg.metrics_port)
+        t0 = time.monotonic()
+        await asyncio.get_running_loop().run_in_executor(None, self.engine.load)
+        self.engine.start()
+        if cfg.warmup:
+            await self.engine.warmup()
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        log.info(
+            "SERVING %d model(s) on %s:%d after %.1fs (device %s, max_batch_tokens %d)",
+            len(self.engine.batchers), cfg.host, self.port, time.monotonic() - t0, self.engine.device,
+            self.engine.max_batch_tokens,
+        )
+
+    def request_stop(self) -> None:
+        """Begin the drain (signal handlers call this)."""
+        self._stop.set()
+
+    async def wait_and_drain(self) -> None:
+        """Wait for a stop request, then drain: NOT_SERVING, refuse new work with UNAVAILABLE, let
+        in-flight work finish within grace_seconds, stop."""
+        await self._stop.wait()
+        grace = self.cfg.grace_seconds
+        end = time.monotonic() + grace
+        log.info("draining: health NOT_SERVING, refusing new work, grace %.1fs", grace)
+        await self.health.enter_graceful_shutdown()
+        self.servicer.draining = True
+        self.engine.close()
+        while self.servicer.inflight > 0 and time.monotonic() < end:
+            await asyncio.sleep(0.02)
+        if self.servicer.inflight:
+            log.warning("grace period over with %d request(s) still in flight", self.servicer.inflight)
+        await self.server.stop(max(0.0, end - time.monotonic()))
+        await self.engine.stop()
+        log.info("stopped")
+
+
+async def serve(cfg: ServerConfig) -> int:
+    """Run until SIGTERM/SIGINT; return the exit code."""
+    srv = RewardServer(cfg)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, srv.request_stop)
+    try:
+        await srv.start()
+    except BaseException:
+        await srv.server.stop(0)
+        raise
+    await srv.wait_and_drain()
+    return 0

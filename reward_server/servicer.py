@@ -1,0 +1,145 @@
+"""The gRPC servicer: proto in, engine call, proto out; errors mapped to status codes."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TypeVar
+
+import grpc
+
+from reward_server import convert
+from reward_server.api.rlhf.v1 import reward_service_pb2 as pb
+from reward_server.api.rlhf.v1 import reward_service_pb2_grpc as pb_grpc
+from reward_server.engine import Engine
+from reward_server.errors import ServiceError, Unavailable
+from reward_server.metrics import ServerMetrics
+from reward_server.status import grpc_code
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+STREAM_WINDOW = 32  # requests of one ScoreStream processed concurrently
+
+
+def _deadline(context: grpc.aio.ServicerContext) -> float | None:
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
+
+
+class RewardServicer(pb_grpc.RewardServiceServicer):
+    """Implements rlhf.v1.RewardService over an `Engine`."""
+
+    def __init__(self, engine: Engine, metrics: ServerMetrics) -> None:
+        self.engine = engine
+        self.metrics = metrics
+        self.draining = False
+        self.inflight = 0
+
+    async def _call(
+        self, rpc: str, context: grpc.aio.ServicerContext, request_id: str, n_items: int,
+        work: Callable[[str], Awaitable[T]],
+    ) -> T:
+        rid = request_id or uuid.uuid4().hex[:12]
+        t0 = time.monotonic()
+        code = "OK"
+        self.inflight += 1
+        self.metrics.inflight.inc()
+        self.metrics.items.labels(rpc).inc(n_items)
+        try:
+            if self.draining:
+                raise Unavailable("server is draining for shutdown; retry on another replica")
+            return await work(rid)
+        except ServiceError as exc:
+            code = exc.code
+            log.info("%s request %s -> %s: %s", rpc, rid, code, exc.message)
+            await context.abort(grpc_code(exc), exc.message)
+        except asyncio.CancelledError:
+            code = "CANCELLED"
+            raise
+        except Exception:
+            code = "INTERNAL"
+            log.exception("%s request %s failed", rpc, rid)
+            await context.abort(grpc.StatusCode.INTERNAL, f"internal error; request id {rid} (see server log)")
+        finally:
+            self.inflight -= 1
+            self.metrics.inflight.dec()
+            self.metrics.requests.labels(rpc, code).inc()
+            self.metrics.request_time.labels(rpc).observe(time.monotonic() - t0)
+        raise AssertionError("unreachable")  # abort() always raises
+
+    async def _score(self, request: pb.ScoreRequest, deadline: float | None, rid: str) -> pb.ScoreResponse:
+        model, results, timing = await self.engine.score(
+            request.model, convert.score_inputs(request), convert.truncation(request), deadline
+        )
+        return convert.score_response(model, results, timing, rid)
+
+    async def Score(self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext) -> pb.ScoreResponse:
+        deadline = _deadline(context)
+        return await self._call(
+            "Score", context, request.request_id, len(request.items), lambda rid: self._score(request, deadline, rid)
+        )
+
+    async def ScoreStream(
+        self, request_iterator: AsyncIterator[pb.ScoreRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.ScoreResponse]:
+        deadline = _deadline(context)
+        pending: asyncio.Queue = asyncio.Queue(STREAM_WINDOW)
+
+        async def reader() -> None:
+            async for req in request_iterator:
+                task = asyncio.ensure_future(
+                    self._call("ScoreStream", context, req.request_id, len(req.items),
+                               lambda rid, r=req: self._score(r, deadline, rid))
+                )
+                await pending.put(task)
+            await pending.put(None)
+
+        reader_task = asyncio.ensure_future(reader())
+        try:
+            while True:
+                task = await pending.get()
+                if task is None:
+                    break
+                yield await task  # responses in request order
+        finally:
+            reader_task.cancel()
+            while not pending.empty():
+                t = pending.get_nowait()
+                if t is not None:
+                    t.cancel()
+
+    async def ReferenceLogProbs(
+        self, request: pb.ReferenceLogProbsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ReferenceLogProbsResponse:
+        deadline = _deadline(context)
+
+        async def work(rid: str) -> pb.ReferenceLogProbsResponse:
+            model, arrays, timing = await self.engine.reference_logprobs(
+                request.model, convert.ref_sequences(request), request.temperature,
+                request.tokenizer_fingerprint, deadline,
+            )
+            return convert.logprobs_response(model, arrays, timing, rid)
+
+        return await self._call("ReferenceLogProbs", context, request.request_id, len(request.sequences), work)
+
+    async def GetServerInfo(
+        self, request: pb.GetServerInfoRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetServerInfoResponse:
+        async def work(rid: str) -> pb.GetServerInfoResponse:
+            cfg = self.engine.config
+            return pb.GetServerInfoResponse(
+                version=self.engine.version,
+                models=[convert.model_info(d) for d in self.engine.describe()],
+                max_items_per_request=cfg.max_items_per_request,
+                max_batch_tokens=self.engine.max_batch_tokens,
+                max_batch_items=cfg.max_batch_items,
+                max_message_bytes=cfg.max_message_mb << 20,
+                default_reward_model=cfg.default_reward_model,
+                default_reference_model=cfg.default_reference_model,
+                default_truncation=convert.TRUNCATION_TO_PB[cfg.truncation],
+            )
+
+        return await self._call("GetServerInfo", context, "", 0, work)
