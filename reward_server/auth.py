@@ -60,7 +60,10 @@ def _deny(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
         yield  # pragma: no cover - makes this an async generator
 
-    kw = dict(request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
+    kw = dict(
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
     if handler.unary_unary:
         return grpc.unary_unary_rpc_method_handler(abort, **kw)
     if handler.unary_stream:
@@ -74,5 +77,7 @@ def server_credentials(cert: str, key: str, client_ca: str) -> grpc.ServerCreden
     """TLS credentials; with `client_ca`, client certificates are required (mutual TLS)."""
     pair = [(Path(key).read_bytes(), Path(cert).read_bytes())]
     if client_ca:
-        return grpc.ssl_server_credentials(pair, root_certificates=Path(client_ca).read_bytes(), require_client_auth=True)
+        return grpc.ssl_server_credentials(
+            pair, root_certificates=Path(client_ca).read_bytes(), require_client_auth=True
+        )
     return grpc.ssl_server_credentials(pair)

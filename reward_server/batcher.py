@@ -13,6 +13,7 @@ event loop keeps accepting.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -28,7 +29,9 @@ log = logging.getLogger(__name__)
 class BatchObserver(Protocol):
     """Receives what the batcher measures (the metrics module implements it)."""
 
-    def on_batch(self, model: str, items: int, real_tokens: int, padded_tokens: int, seconds: float) -> None: ...
+    def on_batch(
+        self, model: str, items: int, real_tokens: int, padded_tokens: int, seconds: float
+    ) -> None: ...
     def on_queue_time(self, model: str, seconds: float) -> None: ...
     def on_queue_depth(self, model: str, depth: int) -> None: ...
     def on_dropped(self, model: str, reason: str, count: int) -> None: ...
@@ -134,7 +137,9 @@ class DynamicBatcher:
     def start(self) -> None:
         """Start the scheduling task on the running loop."""
         if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._loop(), name=f"batcher-{self.name}")
+            self._task = asyncio.get_running_loop().create_task(
+                self._loop(), name=f"batcher-{self.name}"
+            )
 
     def close(self) -> None:
         """Refuse new work (UNAVAILABLE); queued work still runs."""
@@ -153,10 +158,8 @@ class DynamicBatcher:
         """Cancel the scheduling task."""
         if self._task:
             self._task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-            except asyncio.CancelledError:
-                pass
             self._task = None
 
     @property
@@ -165,7 +168,9 @@ class DynamicBatcher:
         return len(self._queue)
 
     # ------------------------------------------------------------------ submit
-    async def submit(self, payloads: Sequence[Any], lengths: Sequence[int], deadline: float | None = None) -> Submitted:
+    async def submit(
+        self, payloads: Sequence[Any], lengths: Sequence[int], deadline: float | None = None
+    ) -> Submitted:
         """Queue items and wait for their results (in order).
 
         `deadline` is a `time.monotonic()` instant; items still queued then are dropped with
@@ -190,10 +195,19 @@ class DynamicBatcher:
         self._obs.on_queue_depth(self.name, len(self._queue))
         self._wakeup.set()
         try:
-            outs = await asyncio.gather(*futures)
-        except BaseException:
+            if deadline is None:
+                outs = await asyncio.gather(*futures)
+            else:
+                outs = await asyncio.wait_for(asyncio.gather(*futures), max(0.0, deadline - now))
+        except asyncio.TimeoutError:
             for f in futures:
                 f.cancel()  # dropped before the forward if still queued
+            raise DeadlineExceeded(
+                f"deadline passed while {len(payloads)} item(s) waited for model {self.name!r}"
+            ) from None
+        except BaseException:
+            for f in futures:
+                f.cancel()
             raise
         return Submitted([o[0] for o in outs], max(o[1] for o in outs), max(o[2] for o in outs))
 
@@ -205,7 +219,11 @@ class DynamicBatcher:
             if p.future.done():
                 cancelled += 1
             elif p.deadline is not None and now >= p.deadline:
-                p.future.set_exception(DeadlineExceeded(f"deadline passed after {now - p.enqueued:.3f}s in the queue of model {self.name!r}"))
+                p.future.set_exception(
+                    DeadlineExceeded(
+                        f"deadline passed after {now - p.enqueued:.3f}s in the queue of model {self.name!r}"
+                    )
+                )
                 expired += 1
             else:
                 keep.append(p)
@@ -255,12 +273,16 @@ class DynamicBatcher:
         padded = max(p.length for p in batch) * len(batch)
         self._busy = True
         try:
-            results = await asyncio.get_running_loop().run_in_executor(self._executor, self._run_batch, payloads)
+            results = await asyncio.get_running_loop().run_in_executor(
+                self._executor, self._run_batch, payloads
+            )
         except ServiceError as exc:
             self._fail(batch, exc)
             return
         except Exception as exc:  # a bug or device failure: fail this batch, keep serving
-            log.exception("forward failed for model %r on a batch of %d items", self.name, len(batch))
+            log.exception(
+                "forward failed for model %r on a batch of %d items", self.name, len(batch)
+            )
             self._fail(batch, exc)
             return
         finally:
@@ -270,7 +292,12 @@ class DynamicBatcher:
         self.items_forwarded += len(batch)
         self._obs.on_batch(self.name, len(batch), real, padded, seconds)
         if len(results) != len(batch):
-            self._fail(batch, RuntimeError(f"model {self.name!r} returned {len(results)} results for {len(batch)} items"))
+            self._fail(
+                batch,
+                RuntimeError(
+                    f"model {self.name!r} returned {len(results)} results for {len(batch)} items"
+                ),
+            )
             return
         for p, r in zip(batch, results, strict=True):
             if not p.future.done():

@@ -34,7 +34,12 @@ from reward_server.api.rlhf.v1 import reward_service_pb2_grpc as pb_grpc
 
 log = logging.getLogger("reward_server.client")
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
-_TRUNC = {"": pb.TRUNCATION_UNSPECIFIED, "error": pb.TRUNCATION_ERROR, "left": pb.TRUNCATION_LEFT, "right": pb.TRUNCATION_RIGHT}
+_TRUNC = {
+    "": pb.TRUNCATION_UNSPECIFIED,
+    "error": pb.TRUNCATION_ERROR,
+    "left": pb.TRUNCATION_LEFT,
+    "right": pb.TRUNCATION_RIGHT,
+}
 DEFAULT_CHUNK = 256
 
 
@@ -42,7 +47,9 @@ class RewardServiceError(Exception):
     """A call failed for good (after retries, or with a code that is not retried)."""
 
     def __init__(self, code: grpc.StatusCode, details: str, method: str = "") -> None:
-        super().__init__(f"{method}: {code.name}: {details}" if method else f"{code.name}: {details}")
+        super().__init__(
+            f"{method}: {code.name}: {details}" if method else f"{code.name}: {details}"
+        )
         self.code = code
         self.details = details
         self.method = method
@@ -84,7 +91,9 @@ def channel_options(max_message_mb: int = 64) -> list[tuple[str, Any]]:
     ]
 
 
-def credentials(tls_ca: str | None, tls_cert: str | None, tls_key: str | None) -> grpc.ChannelCredentials | None:
+def credentials(
+    tls_ca: str | None, tls_cert: str | None, tls_key: str | None
+) -> grpc.ChannelCredentials | None:
     """TLS channel credentials (mutual TLS when a client certificate is given), or None."""
     if not (tls_ca or tls_cert):
         return None
@@ -98,9 +107,18 @@ def score_items(pairs: Iterable[PairLike]) -> list[pb.ScoreItem]:
     for p in pairs:
         if isinstance(p, dict):
             if p.get("messages"):
-                items.append(pb.ScoreItem(messages=[pb.ChatMessage(role=m["role"], content=m["content"]) for m in p["messages"]]))
+                items.append(
+                    pb.ScoreItem(
+                        messages=[
+                            pb.ChatMessage(role=m["role"], content=m["content"])
+                            for m in p["messages"]
+                        ]
+                    )
+                )
             else:
-                items.append(pb.ScoreItem(prompt=p.get("prompt", ""), completion=p.get("completion", "")))
+                items.append(
+                    pb.ScoreItem(prompt=p.get("prompt", ""), completion=p.get("completion", ""))
+                )
         else:
             prompt, completion = p
             items.append(pb.ScoreItem(prompt=prompt, completion=completion))
@@ -109,13 +127,22 @@ def score_items(pairs: Iterable[PairLike]) -> list[pb.ScoreItem]:
 
 def message_items(conversations: Iterable[Sequence[dict[str, str]]]) -> list[pb.ScoreItem]:
     """Chat conversations (lists of role/content dicts) -> ScoreItem."""
-    return [pb.ScoreItem(messages=[pb.ChatMessage(role=m["role"], content=m["content"]) for m in conv]) for conv in conversations]
+    return [
+        pb.ScoreItem(messages=[pb.ChatMessage(role=m["role"], content=m["content"]) for m in conv])
+        for conv in conversations
+    ]
 
 
 def parse_scores(resp: pb.ScoreResponse) -> list[ScoreResult]:
     """ScoreResponse -> ScoreResult list."""
     return [
-        ScoreResult(s.score, dict(s.head_scores), s.num_tokens, s.truncated, s.normalized_score if s.has_normalized_score else None)
+        ScoreResult(
+            s.score,
+            dict(s.head_scores),
+            s.num_tokens,
+            s.truncated,
+            s.normalized_score if s.has_normalized_score else None,
+        )
         for s in resp.scores
     ]
 
@@ -126,7 +153,11 @@ def chunks(n: int, size: int) -> list[tuple[int, int]]:
 
 
 def ref_request(
-    token_ids: Sequence[Sequence[int]], response_starts: Sequence[int], temperature: float, model: str, fingerprint: str | None
+    token_ids: Sequence[Sequence[int]],
+    response_starts: Sequence[int],
+    temperature: float,
+    model: str,
+    fingerprint: str | None,
 ) -> pb.ReferenceLogProbsRequest:
     """Build a ReferenceLogProbsRequest."""
     if len(token_ids) != len(response_starts):
@@ -135,14 +166,25 @@ def ref_request(
         model=model,
         temperature=temperature,
         tokenizer_fingerprint=fingerprint or "",
-        sequences=[pb.TokenSequence(token_ids=list(map(int, t)), response_start=int(s)) for t, s in zip(token_ids, response_starts, strict=True)],
+        sequences=[
+            pb.TokenSequence(token_ids=list(map(int, t)), response_start=int(s))
+            for t, s in zip(token_ids, response_starts, strict=True)
+        ],
     )
 
 
 class _Policy:
     """Retry/backoff bookkeeping shared by both clients."""
 
-    def __init__(self, targets: list[str], timeout: float, max_retries: int, backoff_base: float, backoff_max: float, token: str | None):
+    def __init__(
+        self,
+        targets: list[str],
+        timeout: float,
+        max_retries: int,
+        backoff_base: float,
+        backoff_max: float,
+        token: str | None,
+    ):
         self.targets = targets
         self.timeout = timeout
         self.max_retries = max_retries
@@ -160,7 +202,9 @@ class _Policy:
         """Exponential backoff with full jitter in [0.5, 1.5) x the step."""
         return min(self.backoff_max, self.backoff_base * (2**attempt)) * random.uniform(0.5, 1.5)
 
-    def on_error(self, method: str, err: grpc.RpcError, attempt: int, idx: int, deadline: float) -> tuple[float, int]:
+    def on_error(
+        self, method: str, err: grpc.RpcError, attempt: int, idx: int, deadline: float
+    ) -> tuple[float, int]:
         """Decide what follows a failed attempt: (sleep seconds, next target index), or raise."""
         code = err.code()
         details = err.details() or ""
@@ -168,12 +212,21 @@ class _Policy:
             raise RewardServiceError(code, details, method) from None
         remaining = deadline - time.monotonic()
         if attempt >= self.max_retries or remaining <= 0:
-            raise RewardServiceError(code, f"{details} (gave up after {attempt + 1} attempt(s))", method) from None
+            raise RewardServiceError(
+                code, f"{details} (gave up after {attempt + 1} attempt(s))", method
+            ) from None
         nxt = (idx + 1) % len(self.targets)
         delay = min(self.backoff(attempt), max(0.0, remaining - 0.01))
         log.warning(
             "%s to %s failed with %s (%s); retry %d/%d on %s in %.2fs",
-            method, self.targets[idx], code.name, details, attempt + 1, self.max_retries, self.targets[nxt], delay,
+            method,
+            self.targets[idx],
+            code.name,
+            details,
+            attempt + 1,
+            self.max_retries,
+            self.targets[nxt],
+            delay,
         )
         return delay, nxt
 
@@ -201,7 +254,8 @@ class RewardClient:
         creds = credentials(tls_ca, tls_cert, tls_key)
         opts = channel_options(max_message_mb)
         self._channels = [
-            grpc.secure_channel(t, creds, opts) if creds else grpc.insecure_channel(t, opts) for t in targets
+            grpc.secure_channel(t, creds, opts) if creds else grpc.insecure_channel(t, opts)
+            for t in targets
         ]
         self._stubs = [pb_grpc.RewardServiceStub(c) for c in self._channels]
         self._health = [health_pb2_grpc.HealthStub(c) for c in self._channels]
@@ -223,7 +277,9 @@ class RewardClient:
             c.close()
 
     # -------------------------------------------------------------- core
-    def _call(self, method: str, request: Any, deadline: float, first: Any = None, idx: int | None = None) -> Any:
+    def _call(
+        self, method: str, request: Any, deadline: float, first: Any = None, idx: int | None = None
+    ) -> Any:
         pol = self._policy
         idx = pol.next_index() if idx is None else idx
         attempt = 0
@@ -234,8 +290,12 @@ class RewardClient:
                     return fut.result()
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    raise RewardServiceError(grpc.StatusCode.DEADLINE_EXCEEDED, "client deadline passed", method)
-                return getattr(self._stubs[idx], method)(request, timeout=remaining, metadata=pol.metadata)
+                    raise RewardServiceError(
+                        grpc.StatusCode.DEADLINE_EXCEEDED, "client deadline passed", method
+                    )
+                return getattr(self._stubs[idx], method)(
+                    request, timeout=remaining, metadata=pol.metadata
+                )
             except grpc.RpcError as err:
                 delay, idx = pol.on_error(method, err, attempt, idx, deadline)
                 attempt += 1
@@ -248,35 +308,57 @@ class RewardClient:
         firsts = []
         for req in requests:  # send every part at once, then collect (retrying failures)
             idx = self._policy.next_index()
-            fut = getattr(self._stubs[idx], method).future(req, timeout=max(0.001, deadline - time.monotonic()), metadata=self._policy.metadata)
+            fut = getattr(self._stubs[idx], method).future(
+                req, timeout=max(0.001, deadline - time.monotonic()), metadata=self._policy.metadata
+            )
             firsts.append((fut, idx))
-        return [self._call(method, req, deadline, fut, idx) for req, (fut, idx) in zip(requests, firsts, strict=True)]
+        return [
+            self._call(method, req, deadline, fut, idx)
+            for req, (fut, idx) in zip(requests, firsts, strict=True)
+        ]
 
     def _max_items(self) -> int:
         if self._policy.max_items is None:
             try:
-                self._policy.max_items = int(self.server_info().max_items_per_request) or DEFAULT_CHUNK
+                self._policy.max_items = (
+                    int(self.server_info().max_items_per_request) or DEFAULT_CHUNK
+                )
             except RewardServiceError:
                 return DEFAULT_CHUNK
         return self._policy.max_items
 
     # -------------------------------------------------------------- API
     def score(
-        self, pairs: Sequence[PairLike], *, model: str = "", truncation: str = "", timeout: float | None = None
+        self,
+        pairs: Sequence[PairLike],
+        *,
+        model: str = "",
+        truncation: str = "",
+        timeout: float | None = None,
     ) -> list[ScoreResult]:
         """Score (prompt, completion) pairs (or dicts); results in input order."""
         return self._score(score_items(pairs), model, truncation, timeout)
 
     def score_messages(
-        self, conversations: Sequence[Sequence[dict[str, str]]], *, model: str = "", truncation: str = "", timeout: float | None = None
+        self,
+        conversations: Sequence[Sequence[dict[str, str]]],
+        *,
+        model: str = "",
+        truncation: str = "",
+        timeout: float | None = None,
     ) -> list[ScoreResult]:
         """Score chat conversations rendered with the reward model's chat template."""
         return self._score(message_items(conversations), model, truncation, timeout)
 
-    def _score(self, items: list[pb.ScoreItem], model: str, truncation: str, timeout: float | None) -> list[ScoreResult]:
+    def _score(
+        self, items: list[pb.ScoreItem], model: str, truncation: str, timeout: float | None
+    ) -> list[ScoreResult]:
         if not items:
             return []
-        reqs = [pb.ScoreRequest(model=model, items=items[a:b], truncation=_TRUNC[truncation]) for a, b in chunks(len(items), self._max_items())]
+        reqs = [
+            pb.ScoreRequest(model=model, items=items[a:b], truncation=_TRUNC[truncation])
+            for a, b in chunks(len(items), self._max_items())
+        ]
         return [r for resp in self._chunked("Score", reqs, timeout) for r in parse_scores(resp)]
 
     def reference_logprobs(
@@ -294,14 +376,24 @@ class RewardClient:
             return []
         size = self._max_items()
         reqs = [
-            ref_request(token_ids[a:b], response_starts[a:b], temperature, model, tokenizer_fingerprint)
+            ref_request(
+                token_ids[a:b], response_starts[a:b], temperature, model, tokenizer_fingerprint
+            )
             for a, b in chunks(len(token_ids), size)
         ]
-        return [np.asarray(r.logprobs, dtype=np.float32) for resp in self._chunked("ReferenceLogProbs", reqs, timeout) for r in resp.results]
+        return [
+            np.asarray(r.logprobs, dtype=np.float32)
+            for resp in self._chunked("ReferenceLogProbs", reqs, timeout)
+            for r in resp.results
+        ]
 
     def server_info(self, timeout: float | None = None) -> pb.GetServerInfoResponse:
         """Models, roles, limits, fingerprints."""
-        return self._call("GetServerInfo", pb.GetServerInfoRequest(), time.monotonic() + (timeout or self._policy.timeout))
+        return self._call(
+            "GetServerInfo",
+            pb.GetServerInfoRequest(),
+            time.monotonic() + (timeout or self._policy.timeout),
+        )
 
     def health(self, service: str = "", timeout: float = 5.0) -> str:
         """Health status name of the first address (SERVING, NOT_SERVING, or the error code name)."""
@@ -309,7 +401,11 @@ class RewardClient:
 
     def _health_of(self, idx: int, service: str, timeout: float) -> str:
         try:
-            resp = self._health[idx].Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout, metadata=self._policy.metadata)
+            resp = self._health[idx].Check(
+                health_pb2.HealthCheckRequest(service=service),
+                timeout=timeout,
+                metadata=self._policy.metadata,
+            )
         except grpc.RpcError as err:
             return err.code().name
         return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
@@ -327,7 +423,11 @@ class RewardClient:
             if not pending:
                 return
             if time.monotonic() >= end:
-                raise RewardServiceError(grpc.StatusCode.UNAVAILABLE, f"not SERVING after {timeout:.0f}s (last status {last})", "Health")
+                raise RewardServiceError(
+                    grpc.StatusCode.UNAVAILABLE,
+                    f"not SERVING after {timeout:.0f}s (last status {last})",
+                    "Health",
+                )
             time.sleep(0.1)
 
 
@@ -354,7 +454,8 @@ class AsyncRewardClient:
         creds = credentials(tls_ca, tls_cert, tls_key)
         opts = channel_options(max_message_mb)
         self._channels = [
-            grpc.aio.secure_channel(t, creds, opts) if creds else grpc.aio.insecure_channel(t, opts) for t in targets
+            grpc.aio.secure_channel(t, creds, opts) if creds else grpc.aio.insecure_channel(t, opts)
+            for t in targets
         ]
         self._stubs = [pb_grpc.RewardServiceStub(c) for c in self._channels]
         self._health = [health_pb2_grpc.HealthStub(c) for c in self._channels]
@@ -377,9 +478,13 @@ class AsyncRewardClient:
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise RewardServiceError(grpc.StatusCode.DEADLINE_EXCEEDED, "client deadline passed", method)
+                raise RewardServiceError(
+                    grpc.StatusCode.DEADLINE_EXCEEDED, "client deadline passed", method
+                )
             try:
-                return await getattr(self._stubs[idx], method)(request, timeout=remaining, metadata=pol.metadata)
+                return await getattr(self._stubs[idx], method)(
+                    request, timeout=remaining, metadata=pol.metadata
+                )
             except grpc.RpcError as err:
                 delay, idx = pol.on_error(method, err, attempt, idx, deadline)
                 attempt += 1
@@ -392,29 +497,48 @@ class AsyncRewardClient:
     async def _max_items(self) -> int:
         if self._policy.max_items is None:
             try:
-                self._policy.max_items = int((await self.server_info()).max_items_per_request) or DEFAULT_CHUNK
+                self._policy.max_items = (
+                    int((await self.server_info()).max_items_per_request) or DEFAULT_CHUNK
+                )
             except RewardServiceError:
                 return DEFAULT_CHUNK
         return self._policy.max_items
 
     async def score(
-        self, pairs: Sequence[PairLike], *, model: str = "", truncation: str = "", timeout: float | None = None
+        self,
+        pairs: Sequence[PairLike],
+        *,
+        model: str = "",
+        truncation: str = "",
+        timeout: float | None = None,
     ) -> list[ScoreResult]:
         """Score (prompt, completion) pairs (or dicts); results in input order."""
         return await self._score(score_items(pairs), model, truncation, timeout)
 
     async def score_messages(
-        self, conversations: Sequence[Sequence[dict[str, str]]], *, model: str = "", truncation: str = "", timeout: float | None = None
+        self,
+        conversations: Sequence[Sequence[dict[str, str]]],
+        *,
+        model: str = "",
+        truncation: str = "",
+        timeout: float | None = None,
     ) -> list[ScoreResult]:
         """Score chat conversations rendered with the reward model's chat template."""
         return await self._score(message_items(conversations), model, truncation, timeout)
 
-    async def _score(self, items: list[pb.ScoreItem], model: str, truncation: str, timeout: float | None) -> list[ScoreResult]:
+    async def _score(
+        self, items: list[pb.ScoreItem], model: str, truncation: str, timeout: float | None
+    ) -> list[ScoreResult]:
         if not items:
             return []
         size = await self._max_items()
-        reqs = [pb.ScoreRequest(model=model, items=items[a:b], truncation=_TRUNC[truncation]) for a, b in chunks(len(items), size)]
-        return [r for resp in await self._chunked("Score", reqs, timeout) for r in parse_scores(resp)]
+        reqs = [
+            pb.ScoreRequest(model=model, items=items[a:b], truncation=_TRUNC[truncation])
+            for a, b in chunks(len(items), size)
+        ]
+        return [
+            r for resp in await self._chunked("Score", reqs, timeout) for r in parse_scores(resp)
+        ]
 
     async def reference_logprobs(
         self,
@@ -431,7 +555,9 @@ class AsyncRewardClient:
             return []
         size = await self._max_items()
         reqs = [
-            ref_request(token_ids[a:b], response_starts[a:b], temperature, model, tokenizer_fingerprint)
+            ref_request(
+                token_ids[a:b], response_starts[a:b], temperature, model, tokenizer_fingerprint
+            )
             for a, b in chunks(len(token_ids), size)
         ]
         resps = await self._chunked("ReferenceLogProbs", reqs, timeout)
@@ -439,12 +565,20 @@ class AsyncRewardClient:
 
     async def server_info(self, timeout: float | None = None) -> pb.GetServerInfoResponse:
         """Models, roles, limits, fingerprints."""
-        return await self._call("GetServerInfo", pb.GetServerInfoRequest(), time.monotonic() + (timeout or self._policy.timeout))
+        return await self._call(
+            "GetServerInfo",
+            pb.GetServerInfoRequest(),
+            time.monotonic() + (timeout or self._policy.timeout),
+        )
 
     async def health(self, service: str = "", timeout: float = 5.0) -> str:
         """Health status name of the first address."""
         try:
-            resp = await self._health[0].Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout, metadata=self._policy.metadata)
+            resp = await self._health[0].Check(
+                health_pb2.HealthCheckRequest(service=service),
+                timeout=timeout,
+                metadata=self._policy.metadata,
+            )
         except grpc.RpcError as err:
             return err.code().name
         return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
@@ -458,4 +592,8 @@ class AsyncRewardClient:
             if last == "SERVING":
                 return
             await asyncio.sleep(0.1)
-        raise RewardServiceError(grpc.StatusCode.UNAVAILABLE, f"not SERVING after {timeout:.0f}s (last status {last})", "Health")
+        raise RewardServiceError(
+            grpc.StatusCode.UNAVAILABLE,
+            f"not SERVING after {timeout:.0f}s (last status {last})",
+            "Health",
+        )

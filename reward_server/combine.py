@@ -61,5 +61,7 @@ def parse_combiner(spec: str, available: list[str]) -> Combiner:
         raise ValueError(f"combine rule {spec!r}: kind must be head, mean, min or weighted")
     unknown = [n for n in weights if n not in available]
     if unknown:
-        raise ValueError(f"combine rule {spec!r}: unknown member(s) {unknown}; available: {available}")
+        raise ValueError(
+            f"combine rule {spec!r}: unknown member(s) {unknown}; available: {available}"
+        )
     return Combiner(kind, weights, spec)

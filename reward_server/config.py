@@ -125,7 +125,13 @@ class ServerConfig:
         for key, value in overrides.items():
             if value is None:
                 continue
-            if key in ("reward_models", "reference_models", "adapters", "combinations", "head_combine"):
+            if key in (
+                "reward_models",
+                "reference_models",
+                "adapters",
+                "combinations",
+                "head_combine",
+            ):
                 merged = dict(data.get(key) or {})
                 merged.update(value)
                 data[key] = merged
@@ -143,16 +149,28 @@ class ServerConfig:
             if not cond:
                 raise ConfigError(msg)
 
-        for key in ("reward_models", "reference_models", "adapters", "combinations", "head_combine"):
+        for key in (
+            "reward_models",
+            "reference_models",
+            "adapters",
+            "combinations",
+            "head_combine",
+        ):
             val = getattr(self, key)
             need(isinstance(val, dict), f"{key} must be a mapping of name -> value")
             setattr(self, key, {str(k): str(v) for k, v in val.items()})
-        need(bool(self.reward_models or self.reference_models), "serve at least one model: --reward-model or --reference-model")
+        need(
+            bool(self.reward_models or self.reference_models),
+            "serve at least one model: --reward-model or --reference-model",
+        )
         names = list(self.reward_models) + list(self.reference_models) + list(self.combinations)
         dup = {n for n in names if names.count(n) > 1}
         need(not dup, f"model names must be unique across roles; repeated: {sorted(dup)}")
         for name in self.adapters:
-            need(name in self.reward_models or name in self.reference_models, f"adapter for unknown model {name!r}")
+            need(
+                name in self.reward_models or name in self.reference_models,
+                f"adapter for unknown model {name!r}",
+            )
         for name in self.head_combine:
             need(name in self.reward_models, f"head_combine for unknown reward model {name!r}")
         if self.reward_models and not self.default_reward_model:
@@ -160,23 +178,41 @@ class ServerConfig:
         if self.reference_models and not self.default_reference_model:
             self.default_reference_model = next(iter(self.reference_models))
         need(
-            not self.default_reward_model or self.default_reward_model in self.reward_models or self.default_reward_model in self.combinations,
+            not self.default_reward_model
+            or self.default_reward_model in self.reward_models
+            or self.default_reward_model in self.combinations,
             f"default_reward_model {self.default_reward_model!r} is not a served reward model",
         )
         need(
-            not self.default_reference_model or self.default_reference_model in self.reference_models,
+            not self.default_reference_model
+            or self.default_reference_model in self.reference_models,
             f"default_reference_model {self.default_reference_model!r} is not a served reference model",
         )
         need(self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}")
-        need(self.quantization in QUANTIZATIONS, f"quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}")
+        need(
+            self.quantization in QUANTIZATIONS,
+            f"quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}",
+        )
         need(self.backend in BACKENDS, f"backend must be one of {BACKENDS}, got {self.backend!r}")
-        need(self.truncation in TRUNCATIONS, f"truncation must be one of {TRUNCATIONS}, got {self.truncation!r}")
-        need(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"), f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
-        need(self.log_format in ("text", "json"), f"log_format must be text or json, got {self.log_format!r}")
+        need(
+            self.truncation in TRUNCATIONS,
+            f"truncation must be one of {TRUNCATIONS}, got {self.truncation!r}",
+        )
+        need(
+            self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
+            f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}",
+        )
+        need(
+            self.log_format in ("text", "json"),
+            f"log_format must be text or json, got {self.log_format!r}",
+        )
         need(0 <= int(self.port) <= 65535, f"port out of range: {self.port}")
         need(self.max_batch_tokens >= 0, "max_batch_tokens must be >= 0 (0 = per-device default)")
         need(self.max_batch_items >= 1, "max_batch_items must be >= 1")
-        need(self.max_queue_items >= self.max_batch_items, "max_queue_items must be >= max_batch_items")
+        need(
+            self.max_queue_items >= self.max_batch_items,
+            "max_queue_items must be >= max_batch_items",
+        )
         need(self.max_items_per_request >= 1, "max_items_per_request must be >= 1")
         need(self.max_input_tokens >= 0, "max_input_tokens must be >= 0")
         need(math.isfinite(self.max_wait_ms) and self.max_wait_ms >= 0, "max_wait_ms must be >= 0")
@@ -185,7 +221,10 @@ class ServerConfig:
         need(self.grace_seconds >= 0, "grace_seconds must be >= 0")
         need(self.max_message_mb >= 1, "max_message_mb must be >= 1")
         need(bool(self.tls_cert) == bool(self.tls_key), "tls_cert and tls_key go together")
-        need(not self.tls_client_ca or bool(self.tls_cert), "tls_client_ca (mutual TLS) needs tls_cert and tls_key")
+        need(
+            not self.tls_client_ca or bool(self.tls_cert),
+            "tls_client_ca (mutual TLS) needs tls_cert and tls_key",
+        )
         for key in ("tls_cert", "tls_key", "tls_client_ca", "auth_token_file"):
             val = getattr(self, key)
             need(not val or os.path.isfile(val), f"{key}: file {val!r} does not exist")

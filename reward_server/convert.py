@@ -30,7 +30,9 @@ def score_inputs(request: pb.ScoreRequest) -> list[ScoreInput]:
     out = []
     for it in request.items:
         if len(it.messages):
-            out.append(ScoreInput(messages=[{"role": m.role, "content": m.content} for m in it.messages]))
+            out.append(
+                ScoreInput(messages=[{"role": m.role, "content": m.content} for m in it.messages])
+            )
         else:
             out.append(ScoreInput(prompt=it.prompt, completion=it.completion))
     return out
@@ -44,11 +46,16 @@ def truncation(request: pb.ScoreRequest) -> str:
 def timing_pb(t: Timing) -> pb.Timing:
     """Seconds -> milliseconds message."""
     return pb.Timing(
-        queue_ms=t.queue * 1e3, tokenize_ms=t.tokenize * 1e3, inference_ms=t.inference * 1e3, total_ms=t.total * 1e3
+        queue_ms=t.queue * 1e3,
+        tokenize_ms=t.tokenize * 1e3,
+        inference_ms=t.inference * 1e3,
+        total_ms=t.total * 1e3,
     )
 
 
-def score_response(model: str, results: Sequence[ItemResult], t: Timing, request_id: str) -> pb.ScoreResponse:
+def score_response(
+    model: str, results: Sequence[ItemResult], t: Timing, request_id: str
+) -> pb.ScoreResponse:
     """Internal results -> ScoreResponse."""
     resp = pb.ScoreResponse(model=model, timing=timing_pb(t), request_id=request_id)
     for r in results:
@@ -65,7 +72,9 @@ def ref_sequences(request: pb.ReferenceLogProbsRequest) -> list[RefSequence]:
     return [RefSequence(list(s.token_ids), int(s.response_start)) for s in request.sequences]
 
 
-def logprobs_response(model: str, arrays: Sequence[np.ndarray], t: Timing, request_id: str) -> pb.ReferenceLogProbsResponse:
+def logprobs_response(
+    model: str, arrays: Sequence[np.ndarray], t: Timing, request_id: str
+) -> pb.ReferenceLogProbsResponse:
     """Arrays of log-probs -> ReferenceLogProbsResponse."""
     return pb.ReferenceLogProbsResponse(
         model=model,
@@ -78,8 +87,18 @@ def logprobs_response(model: str, arrays: Sequence[np.ndarray], t: Timing, reque
 def model_info(d: ModelDescription) -> pb.ModelInfo:
     """ModelDescription -> ModelInfo."""
     return pb.ModelInfo(
-        name=d.name, role=ROLE_TO_PB[d.role], heads=d.heads, tokenizer_fingerprint=d.fingerprint, dtype=d.dtype,
-        backend=d.backend, device=d.device, max_input_tokens=d.max_input_tokens, is_default=d.is_default,
-        vocab_size=d.vocab_size, source=d.source, has_chat_template=d.has_chat_template,
-        has_normalization=d.has_normalization, combine=d.combine,
+        name=d.name,
+        role=ROLE_TO_PB[d.role],
+        heads=d.heads,
+        tokenizer_fingerprint=d.fingerprint,
+        dtype=d.dtype,
+        backend=d.backend,
+        device=d.device,
+        max_input_tokens=d.max_input_tokens,
+        is_default=d.is_default,
+        vocab_size=d.vocab_size,
+        source=d.source,
+        has_chat_template=d.has_chat_template,
+        has_normalization=d.has_normalization,
+        combine=d.combine,
     )

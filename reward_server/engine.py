@@ -80,7 +80,9 @@ class Engine:
         self.device = "cpu"
         self.max_batch_tokens = 0
         self._workers: dict[str, ThreadPoolExecutor] = {}
-        self._tokenizer_pool = ThreadPoolExecutor(config.tokenizer_threads, thread_name_prefix="tokenize")
+        self._tokenizer_pool = ThreadPoolExecutor(
+            config.tokenizer_threads, thread_name_prefix="tokenize"
+        )
         self.version = __version__
 
     # ------------------------------------------------------------------ loading
@@ -98,36 +100,59 @@ class Engine:
                 from reward_server.models.onnx_reward import OnnxRewardRunner
 
                 self.rewards[name] = OnnxRewardRunner(
-                    name, source, device=self.device, max_input_tokens=cfg.max_input_tokens,
+                    name,
+                    source,
+                    device=self.device,
+                    max_input_tokens=cfg.max_input_tokens,
                     head_combine=cfg.head_combine.get(name, ""),
                 )
             else:
                 self.rewards[name] = RewardRunner(
-                    name, source, device=self.device, dtype=dtype, adapter=cfg.adapters.get(name, ""),
-                    quantization=cfg.quantization, trust_remote_code=cfg.trust_remote_code,
-                    max_input_tokens=cfg.max_input_tokens, head_combine=cfg.head_combine.get(name, ""),
+                    name,
+                    source,
+                    device=self.device,
+                    dtype=dtype,
+                    adapter=cfg.adapters.get(name, ""),
+                    quantization=cfg.quantization,
+                    trust_remote_code=cfg.trust_remote_code,
+                    max_input_tokens=cfg.max_input_tokens,
+                    head_combine=cfg.head_combine.get(name, ""),
                 )
             log.info("loaded reward model %r from %s in %.1fs", name, source, time.monotonic() - t0)
         for name, source in cfg.reference_models.items():
             t0 = time.monotonic()
             self.references[name] = ReferenceRunner(
-                name, source, device=self.device, dtype=dtype, adapter=cfg.adapters.get(name, ""),
-                trust_remote_code=cfg.trust_remote_code, max_input_tokens=cfg.max_input_tokens,
+                name,
+                source,
+                device=self.device,
+                dtype=dtype,
+                adapter=cfg.adapters.get(name, ""),
+                trust_remote_code=cfg.trust_remote_code,
+                max_input_tokens=cfg.max_input_tokens,
                 slice_bytes=int(cfg.logprob_slice_mb * (1 << 20)),
             )
-            log.info("loaded reference model %r from %s in %.1fs", name, source, time.monotonic() - t0)
+            log.info(
+                "loaded reference model %r from %s in %.1fs", name, source, time.monotonic() - t0
+            )
         for name, spec in cfg.combinations.items():
             self.combinations[name] = parse_combiner(spec, list(self.rewards))
 
     def start(self) -> None:
         """Create one batcher per model and one worker thread per device (on the running loop)."""
-        worker = self._workers.setdefault(self.device, ThreadPoolExecutor(1, thread_name_prefix=f"forward-{self.device}"))
+        worker = self._workers.setdefault(
+            self.device, ThreadPoolExecutor(1, thread_name_prefix=f"forward-{self.device}")
+        )
         cfg = self.config
         for name, runner in [*self.rewards.items(), *self.references.items()]:
             b = DynamicBatcher(
-                name, runner.forward, worker, max_batch_tokens=self.max_batch_tokens,
-                max_batch_items=cfg.max_batch_items, max_wait_ms=cfg.max_wait_ms,
-                max_queue_items=cfg.max_queue_items, observer=self.observer,
+                name,
+                runner.forward,
+                worker,
+                max_batch_tokens=self.max_batch_tokens,
+                max_batch_items=cfg.max_batch_items,
+                max_wait_ms=cfg.max_wait_ms,
+                max_queue_items=cfg.max_queue_items,
+                observer=self.observer,
             )
             b.start()
             self.batchers[name] = b
@@ -172,7 +197,11 @@ class Engine:
             )
 
     def _resolve(self, name: str, role: str) -> str:
-        default = self.config.default_reward_model if role == "reward" else self.config.default_reference_model
+        default = (
+            self.config.default_reward_model
+            if role == "reward"
+            else self.config.default_reference_model
+        )
         name = name or default
         own = self.rewards if role == "reward" else self.references
         if name in own or (role == "reward" and name in self.combinations):
@@ -180,7 +209,9 @@ class Engine:
         other = self.references if role == "reward" else {**self.rewards, **self.combinations}
         if name in other:
             rpc = "Score" if role == "reward" else "ReferenceLogProbs"
-            raise FailedPrecondition(f"model {name!r} is not a {role} model, so it cannot answer {rpc}")
+            raise FailedPrecondition(
+                f"model {name!r} is not a {role} model, so it cannot answer {rpc}"
+            )
         if not name:
             raise FailedPrecondition(f"this server serves no {role} model")
         known = sorted([*self.rewards, *self.combinations, *self.references])
@@ -196,17 +227,23 @@ class Engine:
         truncation = truncation or self.config.truncation
         if name in self.combinations:
             comb = self.combinations[name]
-            parts = await asyncio.gather(*(self._score_one(m, items, truncation, deadline) for m in comb.members))
+            parts = await asyncio.gather(
+                *(self._score_one(m, items, truncation, deadline) for m in comb.members)
+            )
             results = []
             for i in range(len(items)):
                 per = {m: parts[k][0][i].score for k, m in enumerate(comb.members)}
                 results.append(
                     ItemResult(
-                        comb.apply(per), per, max(p[0][i].num_tokens for p in parts),
+                        comb.apply(per),
+                        per,
+                        max(p[0][i].num_tokens for p in parts),
                         any(p[0][i].truncated for p in parts),
                     )
                 )
-            timing = Timing(*(max(getattr(p[1], f) for p in parts) for f in ("queue", "tokenize", "inference")))
+            timing = Timing(
+                *(max(getattr(p[1], f) for p in parts) for f in ("queue", "tokenize", "inference"))
+            )
         else:
             results, timing = await self._score_one(name, items, truncation, deadline)
         timing.total = time.monotonic() - t0
@@ -220,17 +257,30 @@ class Engine:
         loop = asyncio.get_running_loop()
         encoded = await loop.run_in_executor(self._tokenizer_pool, runner.encode, items, truncation)
         tok_s = time.monotonic() - t0
-        sub = await self.batchers[name].submit(encoded, [len(e.input_ids) for e in encoded], deadline)
+        sub = await self.batchers[name].submit(
+            encoded, [len(e.input_ids) for e in encoded], deadline
+        )
         results = []
         for enc, values in zip(encoded, sub.results, strict=True):
             score = runner.combine(values)
             results.append(
-                ItemResult(score, runner.head_values(values), len(enc.input_ids), enc.truncated, runner.normalize(score))
+                ItemResult(
+                    score,
+                    runner.head_values(values),
+                    len(enc.input_ids),
+                    enc.truncated,
+                    runner.normalize(score),
+                )
             )
         return results, Timing(sub.queue_seconds, tok_s, sub.inference_seconds)
 
     async def reference_logprobs(
-        self, model: str, seqs: list[RefSequence], temperature: float, fingerprint: str, deadline: float | None
+        self,
+        model: str,
+        seqs: list[RefSequence],
+        temperature: float,
+        fingerprint: str,
+        deadline: float | None,
     ) -> tuple[str, list[np.ndarray], Timing]:
         """Per-token log-probs of the response positions of each sequence."""
         t0 = time.monotonic()
@@ -247,7 +297,11 @@ class Engine:
         for s in seqs:
             s.temperature = temp
         sub = await self.batchers[name].submit(seqs, [len(s.token_ids) for s in seqs], deadline)
-        return name, sub.results, Timing(sub.queue_seconds, 0.0, sub.inference_seconds, time.monotonic() - t0)
+        return (
+            name,
+            sub.results,
+            Timing(sub.queue_seconds, 0.0, sub.inference_seconds, time.monotonic() - t0),
+        )
 
     # ------------------------------------------------------------------ info
     def describe(self) -> list[ModelDescription]:
@@ -255,19 +309,54 @@ class Engine:
         cfg = self.config
         out = []
         for name, r in self.rewards.items():
-            out.append(ModelDescription(
-                name, "reward", list(r.heads), r.fingerprint, r.dtype, getattr(r, "backend", "torch"), self.device,
-                r.max_len, name == cfg.default_reward_model, len(r.tokenizer), r.source, r.has_chat_template,
-                r.normalization is not None, r.combiner.spec,
-            ))
+            out.append(
+                ModelDescription(
+                    name,
+                    "reward",
+                    list(r.heads),
+                    r.fingerprint,
+                    r.dtype,
+                    getattr(r, "backend", "torch"),
+                    self.device,
+                    r.max_len,
+                    name == cfg.default_reward_model,
+                    len(r.tokenizer),
+                    r.source,
+                    r.has_chat_template,
+                    r.normalization is not None,
+                    r.combiner.spec,
+                )
+            )
         for name, c in self.combinations.items():
-            out.append(ModelDescription(
-                name, "combination", c.members, "", "", "", self.device, min(self.rewards[m].max_len for m in c.members),
-                name == cfg.default_reward_model, combine=c.spec,
-            ))
+            out.append(
+                ModelDescription(
+                    name,
+                    "combination",
+                    c.members,
+                    "",
+                    "",
+                    "",
+                    self.device,
+                    min(self.rewards[m].max_len for m in c.members),
+                    name == cfg.default_reward_model,
+                    combine=c.spec,
+                )
+            )
         for name, r in self.references.items():
-            out.append(ModelDescription(
-                name, "reference", [], r.fingerprint, r.dtype, "torch", self.device, r.max_len,
-                name == cfg.default_reference_model, r.vocab_size, r.source, r.has_chat_template,
-            ))
+            out.append(
+                ModelDescription(
+                    name,
+                    "reference",
+                    [],
+                    r.fingerprint,
+                    r.dtype,
+                    "torch",
+                    self.device,
+                    r.max_len,
+                    name == cfg.default_reference_model,
+                    r.vocab_size,
+                    r.source,
+                    r.has_chat_template,
+                )
+            )
         return out

@@ -21,21 +21,33 @@ def read_items(path: str) -> list[dict[str, Any]]:
             except json.JSONDecodeError as exc:
                 raise ValueError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
             if not isinstance(obj, dict) or not (("completion" in obj) or ("messages" in obj)):
-                raise ValueError(f'{path}:{lineno}: expected an object with "prompt"/"completion" or "messages"')
+                raise ValueError(
+                    f'{path}:{lineno}: expected an object with "prompt"/"completion" or "messages"'
+                )
             items.append(obj)
     return items
 
 
-def score_file(client: Any, input_path: str, output_path: str, *, model: str = "", batch_size: int = 64) -> int:
+def score_file(
+    client: Any, input_path: str, output_path: str, *, model: str = "", batch_size: int = 64
+) -> int:
     """Score every line of `input_path` into `output_path`; returns the count."""
     items = read_items(input_path)
     Path(output_path).parent.mkdir(parents=True, exist_ok=True)
-    with open(output_path, "w", encoding="utf-8") as out, tqdm(total=len(items), desc="scoring", unit="item") as bar:
+    with (
+        open(output_path, "w", encoding="utf-8") as out,
+        tqdm(total=len(items), desc="scoring", unit="item") as bar,
+    ):
         for a in range(0, len(items), batch_size):
             part = items[a : a + batch_size]
             for src, res in zip(part, client.score(part, model=model), strict=True):
                 row = {k: v for k, v in src.items()}
-                row.update(score=res.score, head_scores=res.head_scores, num_tokens=res.num_tokens, truncated=res.truncated)
+                row.update(
+                    score=res.score,
+                    head_scores=res.head_scores,
+                    num_tokens=res.num_tokens,
+                    truncated=res.truncated,
+                )
                 if res.normalized_score is not None:
                     row["normalized_score"] = res.normalized_score
                 out.write(json.dumps(row) + "\n")

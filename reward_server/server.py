@@ -50,11 +50,17 @@ class RewardServer:
         interceptors = []
         tokens = cfg.auth_tokens()
         if tokens:
-            interceptors.append(BearerAuthInterceptor(tokens, HEALTH_METHODS if cfg.open_health else ()))
+            interceptors.append(
+                BearerAuthInterceptor(tokens, HEALTH_METHODS if cfg.open_health else ())
+            )
         self.server = grpc.aio.server(options=grpc_options(cfg), interceptors=interceptors)
         pb_grpc.add_RewardServiceServicer_to_server(self.servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        names = (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
+        names = (
+            SERVICE_NAME,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        )
         reflection.enable_server_reflection(names, self.server)
         self.auth_enabled = bool(tokens)
 
@@ -68,12 +74,16 @@ class RewardServer:
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         addr = f"{cfg.host}:{cfg.port}"
         if cfg.tls_cert:
-            self.port = self.server.add_secure_port(addr, server_credentials(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca))
+            self.port = self.server.add_secure_port(
+                addr, server_credentials(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca)
+            )
         else:
             self.port = self.server.add_insecure_port(addr)
         await self.server.start()
         log.info(
-            "listening on %s:%d (%s%s); loading models", cfg.host, self.port,
+            "listening on %s:%d (%s%s); loading models",
+            cfg.host,
+            self.port,
             "mutual TLS" if cfg.tls_client_ca else "TLS" if cfg.tls_cert else "plaintext",
             ", bearer-token auth" if self.auth_enabled else "",
         )
@@ -88,7 +98,11 @@ class RewardServer:
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info(
             "SERVING %d model(s) on %s:%d after %.1fs (device %s, max_batch_tokens %d)",
-            len(self.engine.batchers), cfg.host, self.port, time.monotonic() - t0, self.engine.device,
+            len(self.engine.batchers),
+            cfg.host,
+            self.port,
+            time.monotonic() - t0,
+            self.engine.device,
             self.engine.max_batch_tokens,
         )
 
@@ -109,7 +123,9 @@ class RewardServer:
         while self.servicer.inflight > 0 and time.monotonic() < end:
             await asyncio.sleep(0.02)
         if self.servicer.inflight:
-            log.warning("grace period over with %d request(s) still in flight", self.servicer.inflight)
+            log.warning(
+                "grace period over with %d request(s) still in flight", self.servicer.inflight
+            )
         await self.server.stop(max(0.0, end - time.monotonic()))
         await self.engine.stop()
         log.info("stopped")

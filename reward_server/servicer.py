@@ -39,7 +39,11 @@ class RewardServicer(pb_grpc.RewardServiceServicer):
         self.inflight = 0
 
     async def _call(
-        self, rpc: str, context: grpc.aio.ServicerContext, request_id: str, n_items: int,
+        self,
+        rpc: str,
+        context: grpc.aio.ServicerContext,
+        request_id: str,
+        n_items: int,
         work: Callable[[str], Awaitable[T]],
     ) -> T:
         rid = request_id or uuid.uuid4().hex[:12]
@@ -62,7 +66,9 @@ class RewardServicer(pb_grpc.RewardServiceServicer):
         except Exception:
             code = "INTERNAL"
             log.exception("%s request %s failed", rpc, rid)
-            await context.abort(grpc.StatusCode.INTERNAL, f"internal error; request id {rid} (see server log)")
+            await context.abort(
+                grpc.StatusCode.INTERNAL, f"internal error; request id {rid} (see server log)"
+            )
         finally:
             self.inflight -= 1
             self.metrics.inflight.dec()
@@ -70,16 +76,24 @@ class RewardServicer(pb_grpc.RewardServiceServicer):
             self.metrics.request_time.labels(rpc).observe(time.monotonic() - t0)
         raise AssertionError("unreachable")  # abort() always raises
 
-    async def _score(self, request: pb.ScoreRequest, deadline: float | None, rid: str) -> pb.ScoreResponse:
+    async def _score(
+        self, request: pb.ScoreRequest, deadline: float | None, rid: str
+    ) -> pb.ScoreResponse:
         model, results, timing = await self.engine.score(
             request.model, convert.score_inputs(request), convert.truncation(request), deadline
         )
         return convert.score_response(model, results, timing, rid)
 
-    async def Score(self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext) -> pb.ScoreResponse:
+    async def Score(
+        self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ScoreResponse:
         deadline = _deadline(context)
         return await self._call(
-            "Score", context, request.request_id, len(request.items), lambda rid: self._score(request, deadline, rid)
+            "Score",
+            context,
+            request.request_id,
+            len(request.items),
+            lambda rid: self._score(request, deadline, rid),
         )
 
     async def ScoreStream(
@@ -91,8 +105,13 @@ class RewardServicer(pb_grpc.RewardServiceServicer):
         async def reader() -> None:
             async for req in request_iterator:
                 task = asyncio.ensure_future(
-                    self._call("ScoreStream", context, req.request_id, len(req.items),
-                               lambda rid, r=req: self._score(r, deadline, rid))
+                    self._call(
+                        "ScoreStream",
+                        context,
+                        req.request_id,
+                        len(req.items),
+                        lambda rid, r=req: self._score(r, deadline, rid),
+                    )
                 )
                 await pending.put(task)
             await pending.put(None)
@@ -118,12 +137,17 @@ class RewardServicer(pb_grpc.RewardServiceServicer):
 
         async def work(rid: str) -> pb.ReferenceLogProbsResponse:
             model, arrays, timing = await self.engine.reference_logprobs(
-                request.model, convert.ref_sequences(request), request.temperature,
-                request.tokenizer_fingerprint, deadline,
+                request.model,
+                convert.ref_sequences(request),
+                request.temperature,
+                request.tokenizer_fingerprint,
+                deadline,
             )
             return convert.logprobs_response(model, arrays, timing, rid)
 
-        return await self._call("ReferenceLogProbs", context, request.request_id, len(request.sequences), work)
+        return await self._call(
+            "ReferenceLogProbs", context, request.request_id, len(request.sequences), work
+        )
 
     async def GetServerInfo(
         self, request: pb.GetServerInfoRequest, context: grpc.aio.ServicerContext

@@ -129,3 +129,9 @@ def build_tiny_checkpoints(
     lm.save_pretrained(paths.reference)
     tok.save_pretrained(paths.reference)
     return paths
+
+
+if __name__ == "__main__":  # python -m reward_server.tiny OUT_DIR
+    import sys
+
+    print(build_tiny_checkpoints(sys.argv[1] if len(sys.argv) > 1 else "tiny-models"))

@@ -21,7 +21,9 @@ def resolve_device(requested: str) -> str:
     if requested == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if requested.startswith("cuda") and not torch.cuda.is_available():
-        raise ModelLoadError(f"--device {requested}: no CUDA GPU is visible on this machine (use --device cpu or auto)")
+        raise ModelLoadError(
+            f"--device {requested}: no CUDA GPU is visible on this machine (use --device cpu or auto)"
+        )
     return requested
 
 
@@ -34,8 +36,12 @@ def resolve_dtype(requested: str, device: str) -> Any:
             return torch.bfloat16
         return torch.float32
     if requested in ("bfloat16", "float16") and device == "cpu":
-        log.warning("dtype %s on CPU is slow and less precise; float32 is the usual choice", requested)
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[requested]
+        log.warning(
+            "dtype %s on CPU is slow and less precise; float32 is the usual choice", requested
+        )
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[
+        requested
+    ]
 
 
 def _check_safetensors(source: str) -> None:
@@ -44,7 +50,9 @@ def _check_safetensors(source: str) -> None:
         return  # a hub id: use_safetensors=True makes transformers refuse pickled weights
     if any(path.glob("*.safetensors")):
         return
-    pickled = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl"))
+    pickled = sorted(
+        p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+    )
     if pickled:
         raise ModelLoadError(
             f"{source}: only pickled weights found ({', '.join(pickled)}); the server loads "
@@ -81,7 +89,9 @@ def quantization_config(quantization: str, dtype: Any) -> Any:
         ) from exc
     if quantization == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype
+    )
 
 
 def load_model(

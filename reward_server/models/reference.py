@@ -36,7 +36,9 @@ def validate_temperature(temperature: float) -> float:
     if temperature == 0:
         return 1.0
     if not math.isfinite(temperature) or temperature < 0:
-        raise InvalidArgument(f"temperature must be a finite number > 0 (0 means 1.0), got {temperature}")
+        raise InvalidArgument(
+            f"temperature must be a finite number > 0 (0 means 1.0), got {temperature}"
+        )
     return float(temperature)
 
 
@@ -64,7 +66,12 @@ class ReferenceRunner:
         self.name, self.source, self.device = name, source, device
         self.tokenizer = tokenizer or load_tokenizer(source, trust_remote_code)
         self.model = model or load_model(
-            AutoModelForCausalLM, source, device=device, dtype=dtype, adapter=adapter, trust_remote_code=trust_remote_code
+            AutoModelForCausalLM,
+            source,
+            device=device,
+            dtype=dtype,
+            adapter=adapter,
+            trust_remote_code=trust_remote_code,
         )
         self.dtype = str(next(self.model.parameters()).dtype).replace("torch.", "")
         self.trunk = getattr(self.model, self.model.base_model_prefix)
@@ -89,9 +96,13 @@ class ReferenceRunner:
         for i, s in enumerate(seqs):
             n = len(s.token_ids)
             if n < 2:
-                raise InvalidArgument(f"sequence {i}: needs at least 2 tokens (a prompt token and a response token), got {n}")
+                raise InvalidArgument(
+                    f"sequence {i}: needs at least 2 tokens (a prompt token and a response token), got {n}"
+                )
             if n > self.max_len:
-                raise InvalidArgument(f"sequence {i}: {n} tokens, over the limit of {self.max_len} for model {self.name!r}")
+                raise InvalidArgument(
+                    f"sequence {i}: {n} tokens, over the limit of {self.max_len} for model {self.name!r}"
+                )
             if not 1 <= s.response_start < n:
                 raise InvalidArgument(
                     f"sequence {i}: response_start {s.response_start} out of range; it must be in [1, {n - 1}] for {n} tokens"
@@ -129,7 +140,9 @@ class ReferenceRunner:
         cols_t = torch.tensor(cols, device=dev)  # [N]
         temps_t = torch.tensor(temps, dtype=torch.float32, device=dev)  # [N]
         with torch.inference_mode():
-            out = self.trunk(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev))
+            out = self.trunk(
+                input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev)
+            )
             hidden = out[0]  # [B, T, H]
             h = hidden[rows_t, cols_t - 1]  # [N, H]: logits at t-1 score token t
             targets = ids.to(dev)[rows_t, cols_t]  # [N]
@@ -142,7 +155,9 @@ class ReferenceRunner:
                 if self.softcap:
                     logits = torch.tanh(logits / self.softcap) * self.softcap
                 logits = logits / temps_t[a:e, None]
-                logps[a:e] = torch.log_softmax(logits, dim=-1).gather(-1, targets[a:e, None]).squeeze(-1)
+                logps[a:e] = (
+                    torch.log_softmax(logits, dim=-1).gather(-1, targets[a:e, None]).squeeze(-1)
+                )
         flat = logps.cpu().numpy()
         result, offset = [], 0
         for s in batch:

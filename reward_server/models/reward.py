@@ -78,7 +78,9 @@ class RewardRunner:
         self.max_len = min(limit, max_input_tokens) if max_input_tokens else limit
         self.heads = self._head_names()
         try:
-            self.combiner: Combiner = parse_combiner(head_combine or f"head:{self.heads[0]}", self.heads)
+            self.combiner: Combiner = parse_combiner(
+                head_combine or f"head:{self.heads[0]}", self.heads
+            )
         except ValueError as exc:
             raise ValueError(f"reward model {name!r}: {exc}") from None
         self.fingerprint = tokenizer_fingerprint(self.tokenizer)
@@ -114,7 +116,9 @@ class RewardRunner:
         for i, it in enumerate(items):
             if it.messages:
                 if not self.has_chat_template:
-                    raise InvalidArgument(f"item {i}: model {self.name!r} has no chat template; send prompt and completion instead of messages")
+                    raise InvalidArgument(
+                        f"item {i}: model {self.name!r} has no chat template; send prompt and completion instead of messages"
+                    )
                 for j, m in enumerate(it.messages):
                     if not m.get("content"):
                         raise InvalidArgument(f"item {i}: message {j} has empty content")
@@ -123,7 +127,9 @@ class RewardRunner:
                 texts.append(render_messages(self.tokenizer, it.messages))
             else:
                 if not it.completion:
-                    raise InvalidArgument(f"item {i}: completion is empty (send a non-empty completion, or messages)")
+                    raise InvalidArgument(
+                        f"item {i}: completion is empty (send a non-empty completion, or messages)"
+                    )
                 texts.append(render_pair(self.tokenizer, it.prompt, it.completion))
         return texts
 
@@ -140,7 +146,9 @@ class RewardRunner:
                 if truncation == "error":
                     raise InvalidArgument(
                         f"item {i}: input is {len(ids)} tokens, over the limit of {self.max_len} "
-                        "for model {!r}; shorten it or request truncation LEFT or RIGHT".format(self.name)
+                        "for model {!r}; shorten it or request truncation LEFT or RIGHT".format(
+                            self.name
+                        )
                     )
                 ids = ids[-self.max_len :] if truncation == "left" else ids[: self.max_len]
                 truncated = True
@@ -162,7 +170,9 @@ class RewardRunner:
             ids[row, : len(it.input_ids)] = torch.tensor(it.input_ids)
             mask[row, : len(it.input_ids)] = 1
         with torch.inference_mode():
-            logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits  # [B, H]
+            logits = self.model(
+                input_ids=ids.to(self.device), attention_mask=mask.to(self.device)
+            ).logits  # [B, H]
         values = logits.float().cpu().numpy()
         return [values[r] for r in range(len(batch))]
 

@@ -31,7 +31,12 @@ def run_with_oom_split(forward: Callable[[Sequence[T]], list[R]], batch: Sequenc
 
         torch.cuda.empty_cache()
         half = len(batch) // 2
-        log.warning("out of memory on a batch of %d items; splitting into %d + %d", len(batch), half, len(batch) - half)
+        log.warning(
+            "out of memory on a batch of %d items; splitting into %d + %d",
+            len(batch),
+            half,
+            len(batch) - half,
+        )
         return run_with_oom_split(forward, batch[:half]) + run_with_oom_split(forward, batch[half:])
 
 

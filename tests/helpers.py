@@ -1,0 +1,53 @@
+"""Helpers shared by tests (in-process reference computations, metrics scraping)."""
+
+from __future__ import annotations
+
+import urllib.request
+
+import numpy as np
+
+
+def scrape(port: int) -> dict[str, float]:
+    """Prometheus metrics as {'name{label="v",...}': value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    out: dict[str, float] = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
+            out[f"{s.name}{{{labels}}}"] = s.value
+    return out
+
+
+def inprocess_scores(model_dir: str, texts: list[str]) -> np.ndarray:
+    """Reward logits [n, heads] of each text, one unpadded forward per text."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    rows = []
+    with torch.no_grad():
+        for t in texts:
+            rows.append(model(**tok(t, return_tensors="pt")).logits[0].float().numpy())
+    return np.stack(rows)
+
+
+def inprocess_logprobs(
+    model_dir: str, seqs: list[list[int]], starts: list[int], temperature: float
+) -> list[np.ndarray]:
+    """Reference log-probs with the full-logits formula, one unpadded forward per sequence."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    out = []
+    with torch.no_grad():
+        for s, st in zip(seqs, starts, strict=True):
+            logits = model(torch.tensor([s])).logits[0].float() / temperature  # [T, V]
+            lp = torch.log_softmax(logits, -1)[
+                torch.arange(st - 1, len(s) - 1), torch.tensor(s[st:])
+            ]
+            out.append(lp.numpy())
+    return out

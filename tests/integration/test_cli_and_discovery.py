@@ -1,0 +1,136 @@
+"""The real console scripts: serve (subprocess), health, info, score; reflection lists the service."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+    ProtoReflectionDescriptorDatabase,
+)
+
+from reward_server.client import RewardClient
+
+pytestmark = pytest.mark.integration
+BIN = Path(sys.executable).parent
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(BIN / "reward-server"), *args], capture_output=True, text=True, timeout=120
+    )
+
+
+def test_health_info_and_reflection(tiny_server):
+    r = run("health", "--server", tiny_server.address)
+    assert r.returncode == 0 and r.stdout.strip() == "SERVING", r.stderr
+    info = json.loads(run("info", "--server", tiny_server.address).stdout)
+    names = {m["name"]: m["role"] for m in info["models"]}
+    assert names == {
+        "reward": "MODEL_ROLE_REWARD",
+        "rm2": "MODEL_ROLE_REWARD",
+        "reference": "MODEL_ROLE_REFERENCE",
+    }
+    assert info["maxItemsPerRequest"] == 64 and info["defaultRewardModel"] == "reward"
+    with grpc.insecure_channel(tiny_server.address) as ch:
+        services = ProtoReflectionDescriptorDatabase(ch).get_services()
+    assert "rlhf.v1.RewardService" in services
+    assert "grpc.health.v1.Health" in services
+
+
+def test_health_fails_when_nothing_listens():
+    from tests.conftest import free_port
+
+    r = run("health", "--server", f"127.0.0.1:{free_port()}", "--timeout", "2")
+    assert r.returncode == 1
+    assert r.stdout.strip() == "UNAVAILABLE"
+
+
+def test_score_subcommand_writes_one_line_per_input_in_order(tiny_server, tmp_path):
+    rows = [
+        {"prompt": "the cat", "completion": " is good"},
+        {
+            "messages": [
+                {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": "the dog"},
+            ]
+        },
+        {"prompt": "a", "completion": " dog ran fast", "id": 7},
+    ] * 3
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    r = run(
+        "score",
+        "--server",
+        tiny_server.address,
+        "--input",
+        str(inp),
+        "--output",
+        str(out),
+        "--batch-size",
+        "4",
+    )
+    assert r.returncode == 0, r.stderr
+    got = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(got) == len(rows)
+    with RewardClient(tiny_server.address) as c:
+        expected = c.score(rows)
+    for g, src, e in zip(got, rows, expected, strict=True):
+        assert abs(g["score"] - e.score) < 1e-6
+        assert {k: g[k] for k in src} == src  # input fields kept, in order
+
+
+def test_score_subcommand_reports_bad_input_line(tiny_server, tmp_path):
+    inp = tmp_path / "in.jsonl"
+    inp.write_text('{"prompt": "a", "completion": " b"}\nnot json\n')
+    r = run(
+        "score",
+        "--server",
+        tiny_server.address,
+        "--input",
+        str(inp),
+        "--output",
+        str(tmp_path / "o.jsonl"),
+    )
+    assert r.returncode != 0
+    assert "in.jsonl:2" in r.stderr
+
+
+def test_serve_refuses_bad_config_clearly(tmp_path):
+    r = run(
+        "serve",
+        "--port",
+        "0",
+        "--reward-model",
+        str(tmp_path / "missing"),
+        "--device",
+        "cpu",
+        "--no-warmup",
+    )
+    assert r.returncode == 2
+    assert "cannot start" in r.stderr and "missing" in r.stderr
+    assert "Traceback" not in r.stderr
+    r = run("serve", "--reward-model", "x", "--truncation", "middle")
+    assert r.returncode == 2 and "truncation must be one of" in r.stderr
+
+
+def test_yaml_config_with_flag_override(tiny_ckpts, tmp_path):
+    from tests.conftest import start_server
+
+    cfg = tmp_path / "server.yaml"
+    cfg.write_text(
+        f"reward_models:\n  yaml_rm: {tiny_ckpts.reward}\nmax_items_per_request: 7\nmax_wait_ms: 1\n"
+    )
+    sp = start_server(["--config", str(cfg), "--max-items-per-request", "9"], tmp_path)
+    try:
+        with RewardClient(sp.address) as c:
+            info = c.server_info()
+            assert info.max_items_per_request == 9  # the flag wins
+            assert [m.name for m in info.models] == ["yaml_rm"]
+            assert len(c.score([("a", " b")] * 20)) == 20  # split into parts of 9
+    finally:
+        sp.stop()
