@@ -70,7 +70,13 @@ def render_messages(tokenizer: Any, messages: Sequence[Mapping[str, str]]) -> st
             f"tokenizer {name!r} has no chat template, so message lists cannot be rendered; "
             "send prompt/completion text instead, or use a model whose tokenizer has a template"
         )
-    text = tokenizer.apply_chat_template(check_messages(messages), tokenize=False)
+    checked = check_messages(messages)
+    try:
+        text = tokenizer.apply_chat_template(checked, tokenize=False)
+    except ValueError:
+        raise
+    except Exception as e:  # jinja2 errors, e.g. raise_exception("roles must alternate")
+        raise ValueError(f"the chat template rejected these messages: {e}") from None
     if not isinstance(text, str):
         raise ValueError(f"chat template returned {type(text).__name__}, expected a string")
     return text

@@ -124,7 +124,10 @@ class RewardRunner:
                         raise InvalidArgument(f"item {i}: message {j} has empty content")
                     if not m.get("role"):
                         raise InvalidArgument(f"item {i}: message {j} has an empty role")
-                texts.append(render_messages(self.tokenizer, it.messages))
+                try:
+                    texts.append(render_messages(self.tokenizer, it.messages))
+                except ValueError as exc:  # the chat template refused the conversation
+                    raise InvalidArgument(f"item {i}: {exc}") from None
             else:
                 if not it.completion:
                     raise InvalidArgument(
