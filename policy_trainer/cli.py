@@ -1,0 +1,106 @@
+"""``policy-trainer ppo --config run.yaml [--resume] [--server ADDR] [section.key=value ...]``.
+
+Exit codes: 0 done, 2 bad config or input, 3 the reward server went away or refused the work (a
+checkpoint of the last completed iteration was written when there was one), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+EXIT_CONFIG = 2
+EXIT_SERVER = 3
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="policy-trainer", description="PPO trainer client of the reward service"
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    ppo = sub.add_parser(
+        "ppo",
+        help="train a policy with PPO against a reward server",
+        description="Train a policy with PPO; rewards and reference log-probs come from the server. "
+        "Trailing section.key=value arguments override the config file (values parsed as YAML), "
+        "e.g. ppo.lr=3e-6 run.iterations=100. Under torchrun every rank runs this command.",
+    )
+    ppo.add_argument("--config", required=True, help="YAML run config (see docs/TRAINER.md)")
+    ppo.add_argument(
+        "--resume", action="store_true", help="continue from the run directory's latest checkpoint"
+    )
+    ppo.add_argument("--server", help="reward server address (overrides server.address)")
+    ppo.add_argument("--output-dir", help="run directory (overrides run.output_dir)")
+    ppo.add_argument(
+        "--log-level", default="WARNING", help="python logging level (default WARNING)"
+    )
+    ppo.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
+    return parser
+
+
+def run_ppo(args: argparse.Namespace) -> int:
+    from policy_trainer.config import ConfigError, load_config
+
+    overrides = list(args.overrides)
+    if args.server:
+        overrides.append(f"server.address={args.server}")
+    if args.output_dir:
+        overrides.append(f"run.output_dir={args.output_dir}")
+    try:
+        cfg = load_config(args.config, overrides)
+    except ConfigError as e:
+        print(f"policy-trainer: config error: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+
+    from policy_trainer.distributed import shutdown_distributed
+    from policy_trainer.remote import ServerRejectedError, ServerUnavailableError
+    from policy_trainer.trainer import PPOTrainer, TrainingStopped
+
+    trainer = None
+    try:
+        trainer = PPOTrainer(cfg, resume=args.resume)
+        last = trainer.run()
+        if trainer.dist.is_main:
+            what = "done" if last >= cfg.run.iterations else "stopped (continue with --resume)"
+            print(
+                f"policy-trainer: {what} after iteration {last}; run directory {cfg.run.output_dir}",
+                file=sys.stderr,
+            )
+        return 0
+    except ConfigError as e:
+        print(f"policy-trainer: error: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    except TrainingStopped as e:
+        print(f"policy-trainer: stopped: {e}", file=sys.stderr)
+        return EXIT_SERVER
+    except (ServerUnavailableError, ServerRejectedError) as e:
+        print(f"policy-trainer: reward server error: {e}", file=sys.stderr)
+        return EXIT_SERVER
+    except KeyboardInterrupt:
+        print("policy-trainer: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        if trainer is not None:
+            trainer.close()
+        shutdown_distributed()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, str(args.log_level).upper(), logging.WARNING),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # one progress bar: the trainer's
+    if args.command == "ppo":
+        return run_ppo(args)
+    return 2  # pragma: no cover - argparse enforces the subcommand
+
+
+if __name__ == "__main__":
+    sys.exit(main())

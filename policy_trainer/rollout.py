@@ -1,0 +1,181 @@
+"""One rollout batch: sample responses chunk by chunk while the previous chunks' Score and
+ReferenceLogProbs RPCs run, then the policy's own log-probs and values."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from policy_trainer.config import RolloutConfig
+from policy_trainer.data import Prompt
+from policy_trainer.models import ActorCritic
+from policy_trainer.remote import RemoteRewards, ScoreItem
+from policy_trainer.sampling import left_pad, right_pad, sample_responses, truncate_after_eos
+
+
+@dataclass
+class RolloutBatch:
+    """N sequences (k samples of each prompt contiguous); prompt left-padded, response right-padded."""
+
+    query: torch.Tensor
+    """[N, P] prompt ids, left-padded."""
+    query_mask: torch.Tensor
+    """[N, P]."""
+    response: torch.Tensor
+    """[N, R] response ids up to and including the first EOS, pad after."""
+    response_mask: torch.Tensor
+    """[N, R] 1 on response tokens."""
+    old_logprobs: torch.Tensor
+    """[N, R] policy log-probs at sampling time (0 on padding)."""
+    ref_logprobs: torch.Tensor
+    """[N, R] reference log-probs from the server (0 on padding and where missing)."""
+    old_values: torch.Tensor | None
+    """[N, R] values at sampling time, or None without a value function."""
+    scores: torch.Tensor
+    """[N] scores from the server, NaN where the server returned none."""
+    has_eos: torch.Tensor
+    """[N] bool."""
+    valid: torch.Tensor
+    """[N] bool: both a score and reference log-probs came back."""
+    completions: list[str]
+    """Decoded responses (for logs)."""
+
+    def __len__(self) -> int:
+        return self.query.shape[0]
+
+
+def trimmed_forward(
+    model: torch.nn.Module,
+    query: torch.Tensor,
+    query_mask: torch.Tensor,
+    response: torch.Tensor,
+    response_mask: torch.Tensor,
+    temperature: float,
+    with_values: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+    """Forward of prompt + response with all-pad prompt columns on the left and all-pad response
+    columns on the right dropped. Returns (logits [B, R', V], values [B, R'] | None, R')."""
+    left = int((query_mask.sum(dim=0) == 0).long().cumprod(dim=0).sum())  # leading pad columns
+    r_len = int(response_mask.sum(dim=1).max())
+    q, qm = query[:, left:], query_mask[:, left:]  # [B, P']
+    ids = torch.cat([q, response[:, :r_len]], dim=1)  # [B, P' + R']
+    mask = torch.cat([qm, response_mask[:, :r_len]], dim=1)  # [B, P' + R']
+    logits, values = model(ids, mask, q.shape[1], temperature, with_values)
+    return logits, values, r_len
+
+
+@torch.no_grad()
+def policy_logprobs(
+    model: ActorCritic,
+    query: torch.Tensor,
+    query_mask: torch.Tensor,
+    response: torch.Tensor,
+    response_mask: torch.Tensor,
+    temperature: float,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probs [B, R] and values [B, R] | None of the responses, 0 on padding."""
+    from policy_trainer.losses import logprobs_from_logits
+
+    logits, values, r_len = trimmed_forward(
+        model, query, query_mask, response, response_mask, temperature
+    )
+    maskf = response_mask.float()
+    logp = torch.zeros(response.shape, dtype=torch.float32, device=response.device)
+    logp[:, :r_len] = logprobs_from_logits(logits, response[:, :r_len])
+    logp = logp * maskf
+    if values is not None:
+        full = torch.zeros_like(logp)
+        full[:, :r_len] = values.float()
+        values = full * maskf
+    return logp, values
+
+
+def _score_item(prompt: Prompt, completion: str) -> ScoreItem:
+    if prompt.messages is not None:
+        return [*prompt.messages, {"role": "assistant", "content": completion}]
+    return (prompt.text, completion)
+
+
+def collect_rollout(
+    model: ActorCritic,
+    prompts: list[Prompt],
+    cfg: RolloutConfig,
+    remote: RemoteRewards,
+    tokenizer: Any,
+    device: torch.device,
+    generator: torch.Generator | None,
+) -> tuple[RolloutBatch, dict[str, float]]:
+    """Sample ``cfg.samples_per_prompt`` responses per prompt in chunks of ``cfg.chunk_size``.
+
+    Chunk i's RPCs are submitted as soon as it is sampled, then its policy log-probs are computed
+    and chunk i+1 sampled while the RPCs are in flight; results are collected at the end.
+    Returns the batch and timing stats (generation_seconds, rpc_wait_seconds).
+    """
+    seqs = [p for p in prompts for _ in range(cfg.samples_per_prompt)]
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    r_max = cfg.max_new_tokens
+    parts: list[dict[str, Any]] = []
+    gen_seconds = 0.0
+    remote.pop_wait_seconds()
+    for start in range(0, len(seqs), cfg.chunk_size):
+        chunk = seqs[start : start + cfg.chunk_size]
+        t0 = time.perf_counter()
+        q, qm = left_pad([p.token_ids for p in chunk], pad, device)  # [C, P]
+        raw = sample_responses(model.policy, q, qm, r_max, cfg.temperature, eos, pad, generator)
+        resp, rmask, has_eos = truncate_after_eos(raw, eos, pad)  # [C, R']
+        lengths = rmask.sum(dim=1).tolist()
+        resp_lists = [resp[i, : lengths[i]].tolist() for i in range(len(chunk))]
+        completions = tokenizer.batch_decode(resp_lists, skip_special_tokens=True)
+        rpcs = remote.submit(
+            [_score_item(p, c) for p, c in zip(chunk, completions, strict=True)],
+            [p.token_ids + r for p, r in zip(chunk, resp_lists, strict=True)],
+            [len(p.token_ids) for p in chunk],
+        )
+        resp, rmask = right_pad(resp_lists, pad, device, width=r_max)  # [C, R]
+        logp, values = policy_logprobs(model, q, qm, resp, rmask, cfg.temperature)
+        gen_seconds += time.perf_counter() - t0
+        parts.append(
+            dict(
+                query=[p.token_ids for p in chunk],
+                resp=resp,
+                rmask=rmask,
+                logp=logp,
+                values=values,
+                has_eos=has_eos,
+                completions=completions,
+                rpcs=rpcs,
+                lengths=lengths,
+            )
+        )
+    scores, refs, valid = [], [], []
+    for part in parts:
+        s, r = remote.collect(part["rpcs"])
+        ref = torch.zeros_like(part["logp"])  # [C, R]
+        for i, lp in enumerate(r):
+            if lp is not None:
+                ref[i, : len(lp)] = torch.from_numpy(np.asarray(lp, dtype=np.float32))
+        scores.append(torch.from_numpy(s).to(device))
+        refs.append(ref * part["rmask"])
+        valid.append(
+            torch.tensor([lp is not None for lp in r], device=device) & torch.isfinite(scores[-1])
+        )
+    query, query_mask = left_pad([ids for p in parts for ids in p["query"]], pad, device)
+    cat = torch.cat
+    batch = RolloutBatch(
+        query=query,
+        query_mask=query_mask,
+        response=cat([p["resp"] for p in parts]),
+        response_mask=cat([p["rmask"] for p in parts]),
+        old_logprobs=cat([p["logp"] for p in parts]),
+        ref_logprobs=cat(refs),
+        old_values=cat([p["values"] for p in parts]) if model.has_values else None,
+        scores=cat(scores),
+        has_eos=cat([p["has_eos"] for p in parts]),
+        valid=cat(valid),
+        completions=[c for p in parts for c in p["completions"]],
+    )
+    return batch, {"generation_seconds": gen_seconds, "rpc_wait_seconds": remote.pop_wait_seconds()}

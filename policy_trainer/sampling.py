@@ -1,0 +1,102 @@
+"""Padding, response sampling and EOS truncation.
+
+Sampling is a plain loop over the model's forward with a KV cache rather than ``generate``: the
+distribution is exactly ``softmax(logits / T)`` in float32 (no top-k/top-p or repetition
+processors merged in from a checkpoint's generation_config), the position ids are the same
+``cumsum(mask) - mask`` as in every log-prob forward, and the RNG is an explicit generator whose
+state the checkpoints save.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from policy_trainer.models import position_ids_from_mask
+
+
+def left_pad(
+    seqs: list[list[int]], pad_id: int, device: torch.device | str = "cpu", width: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token lists -> (ids [B, W], mask [B, W]); W = longest (or ``width``)."""
+    w = max(len(s) for s in seqs) if width is None else width
+    ids = torch.full((len(seqs), w), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), w), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if s:
+            ids[i, w - len(s) :] = torch.tensor(s, dtype=torch.long)
+            mask[i, w - len(s) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+def right_pad(
+    seqs: list[list[int]], pad_id: int, device: torch.device | str = "cpu", width: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad token lists -> (ids [B, W], mask [B, W])."""
+    w = max(len(s) for s in seqs) if width is None else width
+    ids = torch.full((len(seqs), w), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), w), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if s:
+            ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+            mask[i, : len(s)] = 1
+    return ids.to(device), mask.to(device)
+
+
+def truncate_after_eos(
+    responses: torch.Tensor, eos_id: int, pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Keep each response up to and including its first EOS (N+ details item 4).
+
+    responses [B, R] -> (responses with pad after the EOS [B, R], mask [B, R] (1 up to and
+    including the EOS, or everywhere when there is none), has_eos [B] bool).
+    """
+    is_eos = responses == eos_id  # [B, R]
+    has_eos = is_eos.any(dim=1)  # [B]
+    first = torch.where(has_eos, is_eos.long().argmax(dim=1), responses.shape[1] - 1)  # [B]
+    idx = torch.arange(responses.shape[1], device=responses.device).unsqueeze(0)  # [1, R]
+    mask = (idx <= first.unsqueeze(1)).long()  # [B, R]
+    return torch.where(mask.bool(), responses, torch.full_like(responses, pad_id)), mask, has_eos
+
+
+@torch.no_grad()
+def sample_responses(
+    model: nn.Module,
+    query: torch.Tensor,
+    query_mask: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float,
+    eos_id: int,
+    pad_id: int,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Sample up to ``max_new_tokens`` tokens per row from ``softmax(logits / T)``.
+
+    query, query_mask: [B, P] left-padded. Returns [B, R] (R <= max_new_tokens; sampling stops
+    early once every row has produced an EOS, tokens after a row's EOS are ``pad_id``).
+    """
+    mask = query_mask.long()
+    pos = position_ids_from_mask(mask)  # [B, P]
+    out = model(input_ids=query, attention_mask=mask, position_ids=pos, use_cache=True)
+    next_pos = pos[:, -1:] + 1  # [B, 1]
+    finished = torch.zeros(query.shape[0], dtype=torch.bool, device=query.device)  # [B]
+    tokens = []
+    for step in range(max_new_tokens):
+        logits = out.logits[:, -1, :].float() / temperature  # [B, V]
+        probs = torch.softmax(logits, dim=-1)  # [B, V]
+        nxt = torch.multinomial(probs, 1, generator=generator).squeeze(1)  # [B]
+        nxt = torch.where(finished, torch.full_like(nxt, pad_id), nxt)
+        tokens.append(nxt)
+        finished |= nxt == eos_id
+        if bool(finished.all()) or step == max_new_tokens - 1:
+            break
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)  # [B, P + step + 1]
+        out = model(
+            input_ids=nxt.unsqueeze(1),
+            attention_mask=mask,
+            position_ids=next_pos,
+            past_key_values=out.past_key_values,
+            use_cache=True,
+        )
+        next_pos = next_pos + 1
+    return torch.stack(tokens, dim=1)  # [B, R]
