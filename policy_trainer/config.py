@@ -98,6 +98,13 @@ class RolloutConfig:
     """Response length cap; the response is truncated after the first EOS."""
     missing_eos_penalty: float | None = 1.0
     """Subtracted from the score of a response with no EOS (TRL); None = no penalty."""
+    suppress_special_tokens: bool = True
+    """Never sample special tokens other than EOS (pad, unk, bos...): they decode to no text, so a
+    response made of them could not be scored and a policy could hide in them unpenalised."""
+    min_new_tokens: int = 1
+    """EOS is suppressed for the first min_new_tokens sampled tokens (as HF generate's
+    min_new_tokens). With 0 a response may be only EOS: such a response has no text the server can
+    score, so it is masked out of the update, and a policy can drift toward it unpenalised."""
 
 
 @dataclass
@@ -200,6 +207,10 @@ class RunConfig:
     """Also write TensorBoard scalars under output_dir/tensorboard (needs tensorboard)."""
     progress: bool = True
     """Show a progress bar."""
+    sample_metrics: str | None = None
+    """``module:function`` called on every rollout batch as ``f(prompts, completions, has_eos)``
+    (lists of str, str, bool; k samples of a prompt contiguous); the dict of floats it returns is
+    logged with the iteration's metrics (averaged over ranks). The demo logs its gold reward so."""
     num_threads: int | None = None
     """CPU threads for torch (torch.set_num_threads); None = torch's default. 1 is much faster
     for tiny models on a busy machine (no OpenMP spinning against other processes)."""

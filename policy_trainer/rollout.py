@@ -118,6 +118,11 @@ def collect_rollout(
     seqs = [p for p in prompts for _ in range(cfg.samples_per_prompt)]
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
     r_max = cfg.max_new_tokens
+    suppress = (
+        sorted({int(i) for i in tokenizer.all_special_ids} - {int(eos)})
+        if cfg.suppress_special_tokens
+        else None
+    )
     parts: list[dict[str, Any]] = []
     gen_seconds = 0.0
     remote.pop_wait_seconds()
@@ -125,7 +130,18 @@ def collect_rollout(
         chunk = seqs[start : start + cfg.chunk_size]
         t0 = time.perf_counter()
         q, qm = left_pad([p.token_ids for p in chunk], pad, device)  # [C, P]
-        raw = sample_responses(model.policy, q, qm, r_max, cfg.temperature, eos, pad, generator)
+        raw = sample_responses(
+            model.policy,
+            q,
+            qm,
+            r_max,
+            cfg.temperature,
+            eos,
+            pad,
+            generator,
+            cfg.min_new_tokens,
+            suppress,
+        )
         resp, rmask, has_eos = truncate_after_eos(raw, eos, pad)  # [C, R']
         lengths = rmask.sum(dim=1).tolist()
         resp_lists = [resp[i, : lengths[i]].tolist() for i in range(len(chunk))]

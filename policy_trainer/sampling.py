@@ -69,8 +69,12 @@ def sample_responses(
     eos_id: int,
     pad_id: int,
     generator: torch.Generator | None = None,
+    min_new_tokens: int = 0,
+    suppress_ids: list[int] | None = None,
 ) -> torch.Tensor:
-    """Sample up to ``max_new_tokens`` tokens per row from ``softmax(logits / T)``.
+    """Sample up to ``max_new_tokens`` tokens per row from ``softmax(logits / T)``; EOS is
+    suppressed for the first ``min_new_tokens`` tokens (HF generate's ``min_new_tokens``) and the
+    ``suppress_ids`` are never sampled.
 
     query, query_mask: [B, P] left-padded. Returns [B, R] (R <= max_new_tokens; sampling stops
     early once every row has produced an EOS, tokens after a row's EOS are ``pad_id``).
@@ -83,6 +87,10 @@ def sample_responses(
     tokens = []
     for step in range(max_new_tokens):
         logits = out.logits[:, -1, :].float() / temperature  # [B, V]
+        if suppress_ids:
+            logits[:, suppress_ids] = float("-inf")
+        if step < min_new_tokens:
+            logits[:, eos_id] = float("-inf")
         probs = torch.softmax(logits, dim=-1)  # [B, V]
         nxt = torch.multinomial(probs, 1, generator=generator).squeeze(1)  # [B]
         nxt = torch.where(finished, torch.full_like(nxt, pad_id), nxt)

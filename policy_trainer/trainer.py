@@ -88,6 +88,17 @@ def _changed_keys(old: dict[str, Any], new: dict[str, Any], prefix: str = "") ->
     return out
 
 
+def _load_callable(spec: str) -> Any:
+    """``module:function`` -> the function (ConfigError naming the key when it cannot be found)."""
+    import importlib
+
+    module, _, name = spec.partition(":")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError) as e:
+        raise ConfigError(f"run.sample_metrics: cannot import {spec!r} ({e})") from None
+
+
 class PPOTrainer:
     """Builds everything from a config; ``run()`` trains. One instance per process (rank)."""
 
@@ -110,6 +121,9 @@ class PPOTrainer:
             )
         self.tokenizer = load_tokenizer(cfg.model)
         self.fingerprint = tokenizer_fingerprint(self.tokenizer)
+        self.sample_metrics = (
+            _load_callable(cfg.run.sample_metrics) if cfg.run.sample_metrics else None
+        )
         self.prompts = load_prompts(cfg.data, self.tokenizer)
         self.uses_values = cfg.ppo.advantage_estimator == "gae"
         self.model = self._build_model(ckpt)
@@ -332,6 +346,10 @@ class PPOTrainer:
         global_kl = kl_sum / max(n_valid, 1.0)
         self.kl_ctl.update(global_kl, int(n_total))
         local = {**exp.stats, **upd, **timing, "update_seconds": t2 - t1}
+        if self.sample_metrics is not None:
+            k = cfg.rollout.samples_per_prompt
+            texts = [self.prompts[indices[j // k]].text for j in range(len(batch))]
+            local.update(self.sample_metrics(texts, batch.completions, batch.has_eos.tolist()))
         local["failed_rpc_items"] = float(self.remote.failed_items if self.remote else 0)
         metrics: dict[str, Any] = {"iteration": iteration, **mean_over_ranks(local, self.device)}
         metrics.update(

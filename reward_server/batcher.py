@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
@@ -63,12 +64,26 @@ class Submitted:
     inference_seconds: float
 
 
-def plan_window(lengths: Sequence[int], anchor: int, max_tokens: int, max_items: int) -> list[int]:
+def plan_window(
+    lengths: Sequence[int],
+    anchor: int,
+    max_tokens: int,
+    max_items: int,
+    overhead_tokens: float = math.inf,
+) -> list[int]:
     """Indices of the batch to run: a window in length order around `anchor`.
 
     Pure function (unit-tested). The padded cost of a window is ``count * max(length)``; each
     step adds the shorter or the longer neighbour, whichever leaves the higher efficiency, while
     the cost fits `max_tokens` and the count fits `max_items`.
+
+    `overhead_tokens` is the fixed cost of one forward expressed in tokens (``c0 / c1`` for a
+    forward taking ``c0 + c1 * padded_tokens`` seconds; measured at warm-up). A neighbour joins
+    only when the padding it adds now costs no more than its share of a forward's overhead,
+    which is what it would cost in a later batch: for a batch of n items with longest L, a
+    shorter item l joins when ``L - l <= overhead / (n + 1)``, a longer one when
+    ``n * (l - L) <= overhead / (n + 1)``. Infinite overhead (the default) fills the budget;
+    on a CPU, where a forward costs little beyond its tokens, batches stay short and tight.
     """
     order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
     pos = order.index(anchor)
@@ -77,14 +92,16 @@ def plan_window(lengths: Sequence[int], anchor: int, max_tokens: int, max_items:
     count = 1
     while count < max_items:
         best: tuple[float, str] | None = None
+        share = overhead_tokens / (count + 1)  # this item's share of one forward's overhead
         if lo > 0:
             cost = longest * (count + 1)
-            if cost <= max_tokens:
-                best = ((real + lengths[order[lo - 1]]) / cost, "l")
+            short = lengths[order[lo - 1]]
+            if cost <= max_tokens and longest - short <= share:
+                best = ((real + short) / cost, "l")
         if hi + 1 < len(order):
             new_len = lengths[order[hi + 1]]
             cost = new_len * (count + 1)
-            if cost <= max_tokens:
+            if cost <= max_tokens and count * (new_len - longest) <= share:
                 eff = (real + new_len) / cost
                 if best is None or eff > best[0]:
                     best = (eff, "r")
@@ -130,6 +147,7 @@ class DynamicBatcher:
         self._closed = False
         self._busy = False
         self._seq = 0
+        self.overhead_tokens = math.inf  # fixed cost of a forward in tokens; Engine measures it
         self.forwards = 0  # batches run (tests and benchmarks read it)
         self.items_forwarded = 0
 
@@ -236,7 +254,9 @@ class DynamicBatcher:
     def _window(self) -> list[int]:
         lengths = [p.length for p in self._queue]
         anchor = min(range(len(self._queue)), key=lambda i: self._queue[i].seq)
-        return plan_window(lengths, anchor, self.max_batch_tokens, self.max_batch_items)
+        return plan_window(
+            lengths, anchor, self.max_batch_tokens, self.max_batch_items, self.overhead_tokens
+        )
 
     async def _loop(self) -> None:
         while True:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -22,8 +24,16 @@ from reward_server.config import ServerConfig
 from reward_server.errors import FailedPrecondition, InvalidArgument
 from reward_server.models.reference import ReferenceRunner, RefSequence, validate_temperature
 from reward_server.models.reward import RewardRunner, ScoreInput
+from reward_server.models.runner import lengths_of
 
 log = logging.getLogger(__name__)
+
+# Set before torch loads (the model layer imports it lazily, after this module): OpenMP worker
+# threads sleep between parallel regions instead of spinning. A server's CPU is shared with its
+# event loop, tokenizer threads and often other processes; spinning workers then take the cores
+# the forward itself waits for. Measured on the shared 2-core CPU: a 2-layer model's forward went
+# from 200 ms to 4 ms, serving throughput 3-7x (docs/BENCHMARKS.md). An operator's setting wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 @dataclass
@@ -158,13 +168,45 @@ class Engine:
             self.batchers[name] = b
 
     async def warmup(self) -> None:
-        """One largest-batch forward per model (DESIGN.md: warm-up at start, largest batch)."""
+        """One largest-batch forward per model (DESIGN.md: warm-up at start, largest batch), then
+        the forward's fixed cost is measured for the batcher (`measure_overhead_tokens`)."""
         loop = asyncio.get_running_loop()
         for name, runner in [*self.rewards.items(), *self.references.items()]:
             t0 = time.monotonic()
             items = runner.warmup_items(self.max_batch_tokens, self.config.max_batch_items)
             await loop.run_in_executor(self._workers[self.device], runner.forward, items)
             log.info("warmed up %r with %d items in %.2fs", name, len(items), time.monotonic() - t0)
+            overhead = await self.measure_overhead_tokens(runner, items)
+            self.batchers[name].overhead_tokens = overhead
+            log.info("model %r: a forward's fixed cost is %.0f tokens' worth", name, overhead)
+
+    async def measure_overhead_tokens(self, runner: Any, big: list[Any]) -> float:
+        """The fixed cost of one forward in tokens: time a full batch and a one-item batch, fit
+        ``seconds = c0 + c1 * padded_tokens``, return ``c0 / c1`` (infinite when the fit fails,
+        which makes the batcher fill its budget). On a GPU c0 dominates, so batches fill; on a
+        CPU it is small, so the batcher keeps batches short and tight (docs/BENCHMARKS.md)."""
+        loop = asyncio.get_running_loop()
+        worker = self._workers[self.device]
+        small = runner.warmup_items(64, 1)
+
+        async def best_of(items: list[Any], n: int) -> float:
+            best = math.inf
+            for _ in range(n):
+                t = time.perf_counter()
+                await loop.run_in_executor(worker, runner.forward, items)
+                best = min(best, time.perf_counter() - t)
+            return best
+
+        def padded(items: list[Any]) -> int:
+            lengths = lengths_of(items)
+            return len(lengths) * max(lengths)
+
+        t_big, t_small = await best_of(big, 1), await best_of(small, 3)
+        p_big, p_small = padded(big), padded(small)
+        if p_big <= p_small or t_big <= t_small:
+            return math.inf
+        c1 = (t_big - t_small) / (p_big - p_small)
+        return max(0.0, (t_small - c1 * p_small) / c1)
 
     def close(self) -> None:
         """Refuse new work; queued work still completes."""

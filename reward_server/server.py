@@ -95,6 +95,7 @@ class RewardServer:
         self.engine.start()
         if cfg.warmup:
             await self.engine.warmup()
+        self.servicer.ready = True
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info(
             "SERVING %d model(s) on %s:%d after %.1fs (device %s, max_batch_tokens %d)",

@@ -36,6 +36,7 @@ class RewardServicer(pb_grpc.RewardServiceServicer):
         self.engine = engine
         self.metrics = metrics
         self.draining = False
+        self.ready = False  # set by the server once models are loaded and warmed up
         self.inflight = 0
 
     async def _call(
@@ -55,6 +56,8 @@ class RewardServicer(pb_grpc.RewardServiceServicer):
         try:
             if self.draining:
                 raise Unavailable("server is draining for shutdown; retry on another replica")
+            if not self.ready:
+                raise Unavailable("server is starting: models are still loading; retry shortly")
             return await work(rid)
         except ServiceError as exc:
             code = exc.code
@@ -82,6 +85,7 @@ class RewardServicer(pb_grpc.RewardServiceServicer):
         model, results, timing = await self.engine.score(
             request.model, convert.score_inputs(request), convert.truncation(request), deadline
         )
+        self.metrics.tokenize_time.labels(model).observe(timing.tokenize)
         return convert.score_response(model, results, timing, rid)
 
     async def Score(

@@ -141,7 +141,10 @@ class ReferenceRunner:
         temps_t = torch.tensor(temps, dtype=torch.float32, device=dev)  # [N]
         with torch.inference_mode():
             out = self.trunk(
-                input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev)
+                input_ids=ids.to(dev),
+                attention_mask=mask.to(dev),
+                position_ids=pos.to(dev),
+                use_cache=False,  # a KV cache would hold 2 x layers x [B, T, H] for nothing
             )
             hidden = out[0]  # [B, T, H]
             h = hidden[rows_t, cols_t - 1]  # [N, H]: logits at t-1 score token t

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,47 +36,29 @@ class EncodedItem:
     truncated: bool
 
 
-class RewardRunner:
-    """A loaded reward model (`AutoModelForSequenceClassification`) and its tokenizer."""
+class RewardRunnerBase:
+    """What every reward-model backend shares: metadata from the config, the tokenizer, text
+    rendering and truncation, head naming and combination. A backend sets the model, calls
+    `_init_common`, and implements `_forward` (padded batch -> [num_heads] float32 per item)."""
 
     role = "reward"
+    backend = "torch"
 
-    def __init__(
+    def _init_common(
         self,
         name: str,
         source: str,
-        *,
         device: str,
-        dtype: Any,
-        adapter: str = "",
-        quantization: str = "none",
-        trust_remote_code: bool = False,
-        max_input_tokens: int = 0,
-        head_combine: str = "",
-        model: Any = None,
-        tokenizer: Any = None,
+        tokenizer: Any,
+        config: Any,
+        limit: int,
+        max_input_tokens: int,
+        head_combine: str,
     ) -> None:
-        from transformers import AutoModelForSequenceClassification
-
         self.name, self.source, self.device = name, source, device
-        self.tokenizer = tokenizer or load_tokenizer(source, trust_remote_code)
-        self.model = model or load_model(
-            AutoModelForSequenceClassification,
-            source,
-            device=device,
-            dtype=dtype,
-            adapter=adapter,
-            quantization=quantization,
-            trust_remote_code=trust_remote_code,
-        )
-        if getattr(self.model.config, "pad_token_id", None) is None:
-            self.model.config.pad_token_id = self.tokenizer.pad_token_id
-        self.pad_id = int(self.model.config.pad_token_id)
-        self.dtype = str(next(self.model.parameters()).dtype).replace("torch.", "")
-        self.quantization = quantization
-        limit = max_positions(self.model, self.tokenizer)
+        self.tokenizer = tokenizer
         self.max_len = min(limit, max_input_tokens) if max_input_tokens else limit
-        self.heads = self._head_names()
+        self.heads = head_names(config, name)
         try:
             self.combiner: Combiner = parse_combiner(
                 head_combine or f"head:{self.heads[0]}", self.heads
@@ -85,29 +67,8 @@ class RewardRunner:
             raise ValueError(f"reward model {name!r}: {exc}") from None
         self.fingerprint = tokenizer_fingerprint(self.tokenizer)
         self.has_chat_template = bool(getattr(self.tokenizer, "chat_template", None))
-        self.normalization = self._normalization()
-
-    # ------------------------------------------------------------------ metadata
-    def _head_names(self) -> list[str]:
-        n = int(self.model.config.num_labels)
-        labels = getattr(self.model.config, "id2label", None) or {}
-        names = [str(labels.get(i, labels.get(str(i), f"LABEL_{i}"))) for i in range(n)]
-        if n == 1 and names[0] == "LABEL_0":
-            return [self.name]
-        if len(set(names)) != n:
-            return [f"head{i}" for i in range(n)]
-        return names
-
-    def _normalization(self) -> tuple[float, float] | None:
-        stats = getattr(self.model.config, "reward_normalization", None)
-        if not isinstance(stats, dict):
-            return None
-        try:
-            mean, std = float(stats["mean"]), float(stats["std"])
-        except (KeyError, TypeError, ValueError):
-            log.warning("%s: ignoring malformed reward_normalization %r", self.name, stats)
-            return None
-        return (mean, std) if std > 0 else None
+        self.normalization = normalization_of(config, name)
+        self._fast_encode = fast_encoder(self.tokenizer)
 
     # ------------------------------------------------------------------ encoding
     def render(self, items: Sequence[ScoreInput]) -> list[str]:
@@ -139,7 +100,10 @@ class RewardRunner:
     def encode(self, items: Sequence[ScoreInput], truncation: str) -> list[EncodedItem]:
         """Tokenise with the model's tokenizer and apply the truncation policy."""
         texts = self.render(items)
-        ids_list = self.tokenizer(texts, add_special_tokens=True)["input_ids"]
+        if self._fast_encode is not None:
+            ids_list = self._fast_encode(texts)
+        else:
+            ids_list = self.tokenizer(texts, add_special_tokens=True)["input_ids"]
         out = []
         for i, ids in enumerate(ids_list):
             if not ids:
@@ -163,22 +127,6 @@ class RewardRunner:
         """Head values [num_heads] per item, float32; OOM splits the batch (runs in the worker)."""
         return run_with_oom_split(self._forward, batch)
 
-    def _forward(self, batch: Sequence[EncodedItem]) -> list[np.ndarray]:
-        import torch
-
-        width = max(len(it.input_ids) for it in batch)
-        ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)  # [B, T]
-        mask = torch.zeros((len(batch), width), dtype=torch.long)  # [B, T]
-        for row, it in enumerate(batch):  # right padding: real tokens keep positions 0..n-1
-            ids[row, : len(it.input_ids)] = torch.tensor(it.input_ids)
-            mask[row, : len(it.input_ids)] = 1
-        with torch.inference_mode():
-            logits = self.model(
-                input_ids=ids.to(self.device), attention_mask=mask.to(self.device)
-            ).logits  # [B, H]
-        values = logits.float().cpu().numpy()
-        return [values[r] for r in range(len(batch))]
-
     def head_values(self, values: np.ndarray) -> dict[str, float]:
         """Named head values of one item."""
         return {h: float(v) for h, v in zip(self.heads, values, strict=True)}
@@ -200,3 +148,151 @@ class RewardRunner:
         length = max(1, min(self.max_len, budget_tokens // n))
         tok = 0 if self.pad_id != 0 else 1  # any non-pad token
         return [EncodedItem([tok] * length, False) for _ in range(n)]
+
+
+class RewardRunner(RewardRunnerBase):
+    """A loaded reward model (`AutoModelForSequenceClassification`) and its tokenizer."""
+
+    def __init__(
+        self,
+        name: str,
+        source: str,
+        *,
+        device: str,
+        dtype: Any,
+        adapter: str = "",
+        quantization: str = "none",
+        trust_remote_code: bool = False,
+        max_input_tokens: int = 0,
+        head_combine: str = "",
+        model: Any = None,
+        tokenizer: Any = None,
+    ) -> None:
+        from transformers import AutoModelForSequenceClassification
+
+        tokenizer = tokenizer or load_tokenizer(source, trust_remote_code)
+        self.model = model or load_model(
+            AutoModelForSequenceClassification,
+            source,
+            device=device,
+            dtype=dtype,
+            adapter=adapter,
+            quantization=quantization,
+            trust_remote_code=trust_remote_code,
+        )
+        if getattr(self.model.config, "pad_token_id", None) is None:
+            self.model.config.pad_token_id = tokenizer.pad_token_id
+        self.pad_id = int(self.model.config.pad_token_id)
+        self.dtype = str(next(self.model.parameters()).dtype).replace("torch.", "")
+        self.quantization = quantization
+        self._init_common(
+            name,
+            source,
+            device,
+            tokenizer,
+            self.model.config,
+            max_positions(self.model, tokenizer),
+            max_input_tokens,
+            head_combine,
+        )
+
+    def _forward(self, batch: Sequence[EncodedItem]) -> list[np.ndarray]:
+        import torch
+
+        ids, mask = pad_right(batch, self.pad_id)
+        with torch.inference_mode():
+            logits = self.model(
+                input_ids=torch.from_numpy(ids).to(self.device),
+                attention_mask=torch.from_numpy(mask).to(self.device),
+                use_cache=False,  # no KV cache for a single scoring pass
+            ).logits  # [B, H]
+        values = logits.float().cpu().numpy()
+        return [values[r] for r in range(len(batch))]
+
+
+PROBE_TEXTS = (
+    "Hello world",
+    "  two  spaces\tand a tab\n",
+    "caf\u00e9 \u4f60\u597d \U0001f600",
+    "<|endoftext|> special <pad> tokens <s></s>[CLS]",
+    "x",
+)
+
+
+def fast_encoder(tokenizer: Any) -> Callable[[list[str]], list[list[int]]] | None:
+    """The Rust tokenizer's ``encode_batch_fast`` behind a fast tokenizer, when it gives the same
+    ids as the transformers call on probe texts (else None, and the transformers call is used).
+
+    The transformers wrapper costs as much as the tokenisation itself for short texts (measured
+    0.38 ms vs 0.21 ms per 136-token item; docs/BENCHMARKS.md): it was the server's largest
+    per-request cost after the forward.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or not hasattr(backend, "encode_batch_fast"):
+        return None
+    try:
+        from tokenizers import Tokenizer
+
+        rust = Tokenizer.from_str(backend.to_str())
+        rust.no_truncation()
+        rust.no_padding()
+
+        def encode(texts: list[str]) -> list[list[int]]:
+            return [e.ids for e in rust.encode_batch_fast(texts, add_special_tokens=True)]
+
+        probes = [*PROBE_TEXTS, *_chat_probe(tokenizer)]
+        if encode(probes) != tokenizer(probes, add_special_tokens=True)["input_ids"]:
+            log.info("fast tokenisation path disagrees with the tokenizer; not used")
+            return None
+        return encode
+    except Exception as exc:  # noqa: BLE001 - any surprise means: use the reference path
+        log.info("fast tokenisation path unavailable: %s", exc)
+        return None
+
+
+def _chat_probe(tokenizer: Any) -> list[str]:
+    """A rendered conversation (special tokens of the template), when the template renders one."""
+    if not getattr(tokenizer, "chat_template", None):
+        return []
+    conv = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yes"}]
+    try:
+        return [tokenizer.apply_chat_template(conv, tokenize=False)]
+    except Exception:  # noqa: BLE001 - a strict template; the plain probes still check
+        return []
+
+
+def head_names(config: Any, model_name: str) -> list[str]:
+    """Head names from ``num_labels`` and ``id2label``; one unnamed head takes the model's name."""
+    n = int(config.num_labels)
+    labels = getattr(config, "id2label", None) or {}
+    names = [str(labels.get(i, labels.get(str(i), f"LABEL_{i}"))) for i in range(n)]
+    if n == 1 and names[0] == "LABEL_0":
+        return [model_name]
+    if len(set(names)) != n:
+        return [f"head{i}" for i in range(n)]
+    return names
+
+
+def normalization_of(config: Any, model_name: str) -> tuple[float, float] | None:
+    """(mean, std) from the config's ``reward_normalization`` (written by reward-model training)."""
+    stats = getattr(config, "reward_normalization", None)
+    if not isinstance(stats, dict):
+        return None
+    try:
+        mean, std = float(stats["mean"]), float(stats["std"])
+    except (KeyError, TypeError, ValueError):
+        log.warning("%s: ignoring malformed reward_normalization %r", model_name, stats)
+        return None
+    return (mean, std) if std > 0 else None
+
+
+def pad_right(batch: Sequence[EncodedItem], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """int64 ids and attention mask [B, T], right-padded: real tokens keep positions 0..n-1."""
+    width = max(len(it.input_ids) for it in batch)
+    ids = np.full((len(batch), width), pad_id, dtype=np.int64)  # [B, T]
+    mask = np.zeros((len(batch), width), dtype=np.int64)  # [B, T]
+    for row, it in enumerate(batch):
+        n = len(it.input_ids)
+        ids[row, :n] = it.input_ids
+        mask[row, :n] = 1
+    return ids, mask

@@ -134,3 +134,38 @@ def test_yaml_config_with_flag_override(tiny_ckpts, tmp_path):
             assert len(c.score([("a", " b")] * 20)) == 20  # split into parts of 9
     finally:
         sp.stop()
+
+
+def test_requests_before_models_are_loaded_get_unavailable(tiny_ckpts, tmp_path):
+    """While loading, health is NOT_SERVING and work is refused with UNAVAILABLE (retry later)."""
+    import grpc
+
+    from reward_server.api.rlhf.v1 import reward_service_pb2 as pb
+    from reward_server.api.rlhf.v1 import reward_service_pb2_grpc as pb_grpc
+    from tests.conftest import start_server
+
+    # A slow-loading model list: several copies, so the window before SERVING is long enough.
+    args = []
+    for i in range(12):
+        args += ["--reward-model", f"m{i}={tiny_ckpts.reward}"]
+    sp = start_server(args, tmp_path, wait=False)
+    try:
+        seen = set()
+        with grpc.insecure_channel(sp.address) as ch:
+            stub = pb_grpc.RewardServiceStub(ch)
+            with RewardClient(sp.address) as c:
+                for _ in range(600):
+                    status = c.health()
+                    if status == "SERVING":
+                        break
+                    if status == "NOT_SERVING":
+                        try:
+                            stub.Score(pb.ScoreRequest(items=[pb.ScoreItem(prompt="a", completion=" b")]), timeout=5)
+                        except grpc.RpcError as err:
+                            seen.add((err.code(), "still loading" in (err.details() or "")))
+                    __import__("time").sleep(0.02)
+                assert c.health() == "SERVING"
+                assert len(c.score([("a", " b")])) == 1
+        assert (grpc.StatusCode.UNAVAILABLE, True) in seen, seen
+    finally:
+        sp.stop()

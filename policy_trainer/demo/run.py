@@ -1,0 +1,290 @@
+"""The demo pipeline: synthetic task -> SFT -> preferences -> `reward-server train` ->
+`reward-server serve` (own process) -> `policy-trainer ppo` over gRPC -> before/after report.
+
+Every stage after SFT runs through the real command lines, as a user would run them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+BIN = Path(sys.executable).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _cli(name: str) -> list[str]:
+    exe = BIN / name
+    if exe.exists():
+        return [str(exe)]
+    module = "reward_server.cli" if name == "reward-server" else "policy_trainer.cli"
+    return [sys.executable, "-m", module]
+
+
+def _step(msg: str) -> None:
+    print(f"\n== {msg}", flush=True)
+
+
+def ppo_config(out: Path, port: int, args: argparse.Namespace) -> dict[str, Any]:
+    """The PPO run config (written to out/ppo.yaml)."""
+    over = args.overoptimization
+    return {
+        "model": {"policy": str(out / "sft"), "value_model": "shared"},
+        "data": {"prompts": str(out / "prompts.jsonl"), "max_prompt_tokens": 8},
+        "rollout": {
+            "prompts_per_iteration": args.prompts_per_iteration,
+            "samples_per_prompt": 2,
+            "chunk_size": args.prompts_per_iteration,
+            "temperature": 1.0,
+            "max_new_tokens": args.max_new_tokens,
+            "missing_eos_penalty": 4.0,
+        },
+        "server": {"address": f"127.0.0.1:{port}", "timeout": 60.0},
+        "ppo": {
+            "advantage_estimator": "gae",
+            "kl_estimator": "k1",
+            # Fixed beta (TL;DR-style); near 0 for the over-optimisation run (Gao et al. 2022).
+            "kl_coef": 0.0005 if over else args.beta,
+            "adaptive_kl": False,
+            "epochs": 4,
+            "minibatch_size": 16,
+            "lr": args.lr,
+            "vf_coef": 0.1,
+            "max_grad_norm": 1.0,
+        },
+        "run": {
+            "output_dir": str(out / "ppo"),
+            "iterations": args.iterations,
+            "seed": args.seed,
+            "save_every": 0,
+            "keep_checkpoints": 1,
+            "plot_every": 5,
+            "num_threads": 1,
+            "sample_metrics": "policy_trainer.demo.task:gold_metrics",
+        },
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m policy_trainer.demo", description=__doc__)
+    p.add_argument("--output", default="runs/demo", help="run directory")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--overoptimization",
+        action="store_true",
+        help="beta near 0: watch the proxy rise while gold falls",
+    )
+    p.add_argument(
+        "--iterations",
+        type=int,
+        default=None,
+        help="PPO iterations (default 60; 150 with --overoptimization)",
+    )
+    p.add_argument("--prompts-per-iteration", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--beta", type=float, default=0.1, help="fixed KL coefficient")
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--sft-steps", type=int, default=400)
+    p.add_argument("--pairs", type=int, default=5000, help="training preference pairs")
+    p.add_argument("--heldout-pairs", type=int, default=800)
+    p.add_argument("--rm-epochs", type=int, default=2)
+    p.add_argument("--eval-prompts", type=int, default=512)
+    args = p.parse_args(argv)
+    if args.iterations is None:
+        args.iterations = 150 if args.overoptimization else 60
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    t_start = time.monotonic()
+    out = Path(args.output)
+    if (out / "ppo").exists():
+        import shutil
+
+        shutil.rmtree(out / "ppo")
+    out.mkdir(parents=True, exist_ok=True)
+
+    import random
+
+    import torch
+
+    from policy_trainer.demo.prefs import build_preferences
+    from policy_trainer.demo.sft import train_sft
+    from policy_trainer.demo.task import sample_prompts
+
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    _step("1/6 synthetic task and SFT: a tiny GPT-2 learns well-formed, unremarkable responses")
+    train_sft(out / "sft", steps=args.sft_steps, seed=args.seed)
+    with open(out / "prompts.jsonl", "w") as fh:
+        for pr in sample_prompts(2000, random.Random(args.seed + 7)):
+            fh.write(json.dumps({"prompt": pr.text}) + "\n")
+
+    _step(
+        "2/6 preference pairs sampled from SFT, labelled by the hidden gold function (Bradley-Terry noise)"
+    )
+    prefs = build_preferences(
+        out / "sft", out / "prefs", n_train=args.pairs, n_heldout=args.heldout_pairs, seed=args.seed
+    )
+    print(
+        f"{args.pairs} training pairs, {args.heldout_pairs} held out; Bayes ceiling of the noisy labels {prefs['bayes_ceiling']:.3f}"
+    )
+
+    _step("3/6 reward model: reward-server train (Bradley-Terry, initialised from the SFT model)")
+    rm_cmd = [
+        *_cli("reward-server"),
+        "train",
+        "--data",
+        str(prefs["train"]),
+        "--eval-data",
+        str(prefs["heldout"]),
+        "--base-model",
+        str(out / "sft"),
+        "--output",
+        str(out / "rm"),
+        "--epochs",
+        str(args.rm_epochs),
+        "--batch-size",
+        "32",
+        "--lr",
+        "1e-3",
+        "--max-length",
+        "32",
+        "--seed",
+        str(args.seed),
+        "--no-progress",
+    ]
+    subprocess.run(rm_cmd, check=True)
+    rm_evals = [
+        json.loads(line) for line in (out / "rm" / "metrics.jsonl").read_text().splitlines()
+    ]
+    rm_eval = [m for m in rm_evals if m.get("eval_accuracy") is not None][-1]
+
+    _step(
+        "4/6 reward-server serve: the reward model and the SFT model (as reference) in their own process"
+    )
+    port = _free_port()
+    server_log = open(out / "server.log", "w")  # noqa: SIM115 - closed below
+    server = subprocess.Popen(
+        [
+            *_cli("reward-server"),
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--device",
+            "cpu",
+            "--reward-model",
+            f"rm={out / 'rm'}",
+            "--reference-model",
+            f"sft={out / 'sft'}",
+            "--max-wait-ms",
+            "2",
+        ],
+        stdout=server_log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    from reward_server.client import RewardClient
+
+    client = RewardClient(f"127.0.0.1:{port}", timeout=60)
+    try:
+        client.wait_until_ready(timeout=120)
+        print(f"server SERVING on 127.0.0.1:{port} (log: {out / 'server.log'})")
+
+        _step(f"5/6 policy-trainer ppo against the server over gRPC ({args.iterations} iterations)")
+        cfg = ppo_config(out, port, args)
+        (out / "ppo.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+        subprocess.run(
+            [*_cli("policy-trainer"), "ppo", "--config", str(out / "ppo.yaml")], check=True
+        )
+        metrics = [
+            json.loads(line) for line in (out / "ppo" / "metrics.jsonl").read_text().splitlines()
+        ]
+
+        _step("6/6 evaluation: SFT vs final policy on the same fresh prompts")
+        from policy_trainer.checkpoint import latest_checkpoint
+        from policy_trainer.demo.evaluate import compare, plot_curves
+
+        final = latest_checkpoint(out / "ppo")
+        assert final is not None, "the PPO run left no checkpoint"
+        res = compare(
+            out / "sft",
+            final / "policy",
+            client,
+            n=args.eval_prompts,
+            seed=args.seed,
+            max_new_tokens=args.max_new_tokens,
+            missing_eos_penalty=cfg["rollout"]["missing_eos_penalty"],
+        )
+    finally:
+        client.close()
+        server.send_signal(signal.SIGTERM)
+        code = server.wait(60)
+        server_log.close()
+    tail = metrics[-5:]
+    summary = {
+        "rm_heldout_accuracy": rm_eval["eval_accuracy"],
+        "rm_heldout_loss": rm_eval["eval_loss"],
+        "rm_bayes_ceiling": prefs["bayes_ceiling"],
+        **{k: v for k, v in res.items() if k != "examples_final"},
+        "kl_final": sum(m["kl_mean"] for m in tail) / len(tail),
+        "proxy_reward_first_iteration": metrics[0]["reward_mean"],
+        "gold_reward_first_iteration": metrics[0].get("gold_reward_mean"),
+        "beta": cfg["ppo"]["kl_coef"],
+        "iterations": args.iterations,
+        "overoptimization": args.overoptimization,
+        "server_exit_code": code,
+        "seed": args.seed,
+        "wall_seconds": time.monotonic() - t_start,
+        "examples_final": res["examples_final"],
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    (out / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
+    title = (
+        "beta ~ 0: over-optimisation"
+        if args.overoptimization
+        else f"PPO, beta {cfg['ppo']['kl_coef']}"
+    )
+    plot_curves(metrics, out / "curves.png", title)
+    print_report(summary, out)
+    return 0 if code == 0 else 1
+
+
+def print_report(s: dict[str, Any], out: Path) -> None:
+    """The before/after table."""
+    rows = [
+        ("gold reward (hidden judge)", s["gold_reward_sft"], s["gold_reward_final"]),
+        ("proxy reward (reward model)", s["proxy_reward_sft"], s["proxy_reward_final"]),
+        ("KL to reference (nats/seq)", 0.0, s["kl_final"]),
+        ("EOS rate", s["eos_rate_sft"], s["eos_rate_final"]),
+        ("response length (words)", s["response_length_sft"], s["response_length_final"]),
+    ]
+    print("\n" + "=" * 64)
+    print(f"{'':34s}{'SFT':>12s}{'after PPO':>14s}")
+    for name, a, b in rows:
+        print(f"{name:34s}{a:12.3f}{b:14.3f}")
+    print(f"{'gold win-rate of final vs SFT':34s}{'':12s}{s['gold_win_rate_vs_sft']:14.3f}")
+    print(
+        f"reward model held-out accuracy {s['rm_heldout_accuracy']:.3f} (Bayes ceiling {s['rm_bayes_ceiling']:.3f}), "
+        f"loss {s['rm_heldout_loss']:.3f} (ln 2 = 0.693)"
+    )
+    print("final policy samples:")
+    for ex in s["examples_final"]:
+        print(f"  {ex}")
+    print(
+        f"wrote {out / 'summary.json'}, {out / 'metrics.jsonl'}, {out / 'curves.png'} in {s['wall_seconds']:.0f}s"
+    )
