@@ -207,6 +207,9 @@ class RunConfig:
     """Also write TensorBoard scalars under output_dir/tensorboard (needs tensorboard)."""
     progress: bool = True
     """Show a progress bar."""
+    check_rank_sync: bool = True
+    """Under torchrun, compare a hash of every rank's weights after each update and stop with an
+    error if they differ (logged as ``weights_digest``). Costs one pass over the weights."""
     sample_metrics: str | None = None
     """``module:function`` called on every rollout batch as ``f(prompts, completions, has_eos)``
     (lists of str, str, bool; k samples of a prompt contiguous); the dict of floats it returns is

@@ -92,3 +92,24 @@ def gather_objects(obj: Any) -> list[Any]:
 def barrier() -> None:
     if _active():
         dist.barrier()
+
+
+def weights_digest(module: torch.nn.Module) -> str:
+    """A hash of every trainable parameter's bytes (identical weights <=> identical digests)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, p in module.named_parameters():
+        if p.requires_grad:
+            h.update(name.encode())
+            h.update(p.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def check_ranks_in_sync(module: torch.nn.Module) -> str:
+    """Digest of this rank's weights; RuntimeError if any rank's differs (DDP desync)."""
+    digest = weights_digest(module)
+    digests = gather_objects(digest)
+    if len(set(digests)) > 1:
+        raise RuntimeError(f"ranks hold different weights after the update: digests {digests}")
+    return digest

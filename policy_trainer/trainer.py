@@ -27,6 +27,7 @@ from policy_trainer.checkpoint import (
 from policy_trainer.config import ConfigError, TrainerConfig
 from policy_trainer.data import PromptSampler, load_prompts
 from policy_trainer.distributed import (
+    check_ranks_in_sync,
     DistInfo,
     all_reduce_sum,
     any_rank,
@@ -359,6 +360,8 @@ class PPOTrainer:
             sequences=int(n_total),
             iteration_seconds=time.perf_counter() - t0,
         )
+        if cfg.run.check_rank_sync and self.dist.enabled:
+            metrics["weights_digest"] = check_ranks_in_sync(self.model)
         if self.dist.is_main:
             metrics["sample_completion"] = batch.completions[0]
         return metrics

@@ -1,0 +1,95 @@
+"""`make demo`'s entry point: a scaled-down run (fast) and the full targets (slow, two seeds)."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+KEYS = [
+    "rm_heldout_accuracy",
+    "rm_bayes_ceiling",
+    "gold_reward_sft",
+    "gold_reward_final",
+    "proxy_reward_sft",
+    "proxy_reward_final",
+    "kl_final",
+    "eos_rate_final",
+    "gold_win_rate_vs_sft",
+    "wall_seconds",
+]
+
+
+def run_demo(out: Path, *extra: str, timeout: int = 900) -> dict:
+    r = subprocess.run(
+        [sys.executable, "-m", "policy_trainer.demo", "--output", str(out), *extra],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "gold win-rate of final vs SFT" in r.stdout
+    return json.loads((out / "summary.json").read_text())
+
+
+def test_scaled_down_demo_writes_its_files(tmp_path):
+    out = tmp_path / "demo"
+    s = run_demo(
+        out,
+        "--iterations",
+        "3",
+        "--pairs",
+        "300",
+        "--heldout-pairs",
+        "80",
+        "--sft-steps",
+        "40",
+        "--eval-prompts",
+        "48",
+        "--prompts-per-iteration",
+        "8",
+        "--rm-epochs",
+        "1",
+    )
+    for key in KEYS:
+        assert key in s and isinstance(s[key], (int, float)) and math.isfinite(s[key]), key
+    assert s["server_exit_code"] == 0  # the server was stopped cleanly (SIGTERM drain)
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["iteration"] for m in lines] == [1, 2, 3]
+    assert all("gold_reward_mean" in m and "reward_mean" in m and "kl_mean" in m for m in lines)
+    assert lines[0]["kl_mean"] == pytest.approx(0.0, abs=1e-5)  # policy == reference at the start
+    assert (out / "curves.png").stat().st_size > 10_000
+    assert (out / "rm" / "config.json").exists() and (out / "ppo.yaml").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [0, 1])
+def test_full_demo_meets_its_targets(tmp_path, seed):
+    s = run_demo(tmp_path / "demo", "--seed", str(seed))
+    assert s["wall_seconds"] < 600
+    assert s["rm_heldout_accuracy"] >= 0.65 and s["rm_heldout_loss"] < math.log(2)
+    assert s["gold_win_rate_vs_sft"] >= 0.7
+    assert s["gold_reward_final"] > s["gold_reward_sft"]
+    assert s["kl_final"] < 8.0
+    assert s["eos_rate_final"] >= 0.9
+
+
+@pytest.mark.slow
+def test_overoptimization_proxy_rises_while_gold_peaks_and_falls(tmp_path):
+    out = tmp_path / "over"
+    run_demo(out, "--overoptimization")
+    m = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    window = 10
+    smooth = lambda key: [
+        sum(x[key] for x in m[i : i + window]) / window for i in range(len(m) - window + 1)
+    ]  # noqa: E731
+    gold, proxy = smooth("gold_reward_mean"), smooth("reward_mean")
+    peak = max(range(len(gold)), key=gold.__getitem__)
+    assert peak < len(gold) - 1, "gold should peak before the end"
+    assert gold[-1] < gold[peak] - 1.0, "gold should fall after its peak"
+    assert proxy[-1] > proxy[peak], "the proxy keeps rising past the gold peak"
