@@ -27,11 +27,11 @@ from policy_trainer.checkpoint import (
 from policy_trainer.config import ConfigError, TrainerConfig
 from policy_trainer.data import PromptSampler, load_prompts
 from policy_trainer.distributed import (
-    check_ranks_in_sync,
     DistInfo,
     all_reduce_sum,
     any_rank,
     barrier,
+    check_ranks_in_sync,
     dist_info_from_env,
     gather_objects,
     init_distributed,

@@ -160,7 +160,10 @@ def test_requests_before_models_are_loaded_get_unavailable(tiny_ckpts, tmp_path)
                         break
                     if status == "NOT_SERVING":
                         try:
-                            stub.Score(pb.ScoreRequest(items=[pb.ScoreItem(prompt="a", completion=" b")]), timeout=5)
+                            stub.Score(
+                                pb.ScoreRequest(items=[pb.ScoreItem(prompt="a", completion=" b")]),
+                                timeout=5,
+                            )
                         except grpc.RpcError as err:
                             seen.add((err.code(), "still loading" in (err.details() or "")))
                     __import__("time").sleep(0.02)

@@ -85,9 +85,10 @@ def test_overoptimization_proxy_rises_while_gold_peaks_and_falls(tmp_path):
     run_demo(out, "--overoptimization")
     m = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     window = 10
-    smooth = lambda key: [
-        sum(x[key] for x in m[i : i + window]) / window for i in range(len(m) - window + 1)
-    ]  # noqa: E731
+
+    def smooth(key: str) -> list[float]:
+        return [sum(x[key] for x in m[i : i + window]) / window for i in range(len(m) - window + 1)]
+
     gold, proxy = smooth("gold_reward_mean"), smooth("reward_mean")
     peak = max(range(len(gold)), key=gold.__getitem__)
     assert peak < len(gold) - 1, "gold should peak before the end"
