@@ -128,6 +128,14 @@ class ServerConfig:
     DEADLINE_EXCEEDED before it checkpoints and stops."""
     wait_ready_seconds: float = 120.0
     """How long to wait for the server to report SERVING at start."""
+    tls_ca: str | None = None
+    """CA bundle that verifies the server's certificate (turns TLS on)."""
+    tls_cert: str | None = None
+    """Client certificate for mutual TLS."""
+    tls_key: str | None = None
+    """Client private key for mutual TLS."""
+    token_env: str = "RLHF_AUTH_TOKEN"
+    """Environment variable holding the bearer token (read at start, never logged or saved)."""
     check_fingerprint: bool = True
     """Send the policy tokenizer's fingerprint with ReferenceLogProbs (the server refuses a
     mismatch)."""

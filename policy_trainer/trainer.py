@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import random
 import signal
 import threading
@@ -233,7 +234,15 @@ class PPOTrainer:
     def connect(self) -> None:
         """Open this rank's client, wait for the server and check its models."""
         s = self.cfg.server
-        self.client = RewardClient(s.address, timeout=s.timeout, max_retries=s.max_retries)
+        self.client = RewardClient(
+            s.address,
+            timeout=s.timeout,
+            max_retries=s.max_retries,
+            tls_ca=s.tls_ca,
+            tls_cert=s.tls_cert,
+            tls_key=s.tls_key,
+            token=os.environ.get(s.token_env) or None,
+        )
         try:
             self.client.wait_until_ready(timeout=s.wait_ready_seconds)
             info = self.client.server_info()

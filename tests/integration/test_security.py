@@ -199,3 +199,75 @@ def test_remote_code_is_not_run_unless_asked(tiny_ckpts, tmp_path):
     err = _serve_fails(["--reward-model", str(d)])
     assert "trust-remote-code" in err or "trust_remote_code" in err
     assert not marker.exists()
+
+
+def test_trainer_runs_against_a_mutual_tls_server_with_a_token(tiny_ckpts, tmp_path):
+    import os
+
+    import yaml
+
+    certs = make_certs(tmp_path / "certs")
+    token_file = tmp_path / "tokens"
+    token_file.write_text("trainer-token\n")
+    tls = {
+        "tls_ca": str(certs.ca),
+        "tls_cert": str(certs.client_cert),
+        "tls_key": str(certs.client_key),
+    }
+    sp = start_server(
+        [
+            "--reward-model",
+            str(tiny_ckpts.reward),
+            "--reference-model",
+            str(tiny_ckpts.reference),
+            "--tls-cert",
+            str(certs.server_cert),
+            "--tls-key",
+            str(certs.server_key),
+            "--tls-client-ca",
+            str(certs.ca),
+            "--auth-token-file",
+            str(token_file),
+        ],
+        tmp_path,
+        ready_kwargs={**tls, "token": "trainer-token"},
+    )
+    cfg = {
+        "model": {"policy": str(tiny_ckpts.reference)},
+        "data": {"prompts": ["the cat", "a dog"]},
+        "rollout": {
+            "prompts_per_iteration": 2,
+            "samples_per_prompt": 2,
+            "chunk_size": 4,
+            "max_new_tokens": 4,
+        },
+        "server": {"address": sp.address, "token_env": "MY_RM_TOKEN", **tls},
+        "ppo": {"epochs": 1, "minibatch_size": 4},
+        "run": {
+            "output_dir": str(tmp_path / "run"),
+            "iterations": 1,
+            "num_threads": 1,
+            "progress": False,
+        },
+    }
+    (tmp_path / "ppo.yaml").write_text(yaml.safe_dump(cfg))
+    try:
+        r = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "policy_trainer.cli",
+                "ppo",
+                "--config",
+                str(tmp_path / "ppo.yaml"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=180,
+            env={**os.environ, "MY_RM_TOKEN": "trainer-token"},
+        )
+    finally:
+        sp.stop()
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (tmp_path / "run" / "metrics.jsonl").read_text().count("\n") == 1
+    assert "trainer-token" not in r.stderr + r.stdout + sp.log()
