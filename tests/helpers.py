@@ -51,3 +51,22 @@ def inprocess_logprobs(
             ]
             out.append(lp.numpy())
     return out
+
+
+def deploy_checks(module: str):
+    """deploy/checks (a directory, not an installed package) loaded by path as `deploy_checks`."""
+    import importlib
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    if "deploy_checks" not in sys.modules:
+        init = Path(__file__).resolve().parents[1] / "deploy" / "checks" / "__init__.py"
+        spec = importlib.util.spec_from_file_location(
+            "deploy_checks", init, submodule_search_locations=[str(init.parent)]
+        )
+        assert spec is not None and spec.loader is not None
+        package = importlib.util.module_from_spec(spec)
+        sys.modules["deploy_checks"] = package
+        spec.loader.exec_module(package)
+    return importlib.import_module(f"deploy_checks.{module}")

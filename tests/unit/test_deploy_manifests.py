@@ -8,33 +8,20 @@ offline. The rest checks the manifests against each other (names, ports, grace p
 from __future__ import annotations
 
 import copy
-import importlib
-import importlib.util
 import json
 import re
-import sys
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
 import yaml
 
+from tests.helpers import deploy_checks
+
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _checks(module: str) -> ModuleType:
-    """deploy/checks (a directory, not an installed package) loaded by path as `deploy_checks`."""
-    if "deploy_checks" not in sys.modules:
-        init = REPO / "deploy" / "checks" / "__init__.py"
-        spec = importlib.util.spec_from_file_location(
-            "deploy_checks", init, submodule_search_locations=[str(init.parent)]
-        )
-        assert spec is not None and spec.loader is not None
-        package = importlib.util.module_from_spec(spec)
-        sys.modules["deploy_checks"] = package
-        spec.loader.exec_module(package)
-    return importlib.import_module(f"deploy_checks.{module}")
+_checks = deploy_checks
 
 
 res = _checks("resources")
