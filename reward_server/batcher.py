@@ -4,7 +4,8 @@ Requests from all clients are split into items and queued. When the device is fr
 forms one batch under a padded-token budget (``items x longest item <= max_batch_tokens``) and an
 item cap: it sorts the queue by length and grows a window around the oldest item (so nothing
 starves), each step taking the neighbour that keeps padding efficiency (real / padded tokens)
-highest. It waits at most ``max_wait_ms`` after the oldest arrival for a fuller batch. The queue is
+highest. It waits at most ``max_wait_ms`` after the oldest arrival for a fuller batch (not at
+all when nearly every recent request found the model idle: one sequential client). The queue is
 bounded (ResourceExhausted when full). Items whose client has gone or whose deadline passed are
 dropped before the forward. The forward runs in an executor (one worker thread per device) so the
 event loop keeps accepting.
@@ -147,6 +148,8 @@ class DynamicBatcher:
         self._closed = False
         self._busy = False
         self._seq = 0
+        self._lone_share = 0.0  # EWMA: share of requests that found nothing queued or running
+        self._arrivals = 0
         self.overhead_tokens = math.inf  # fixed cost of a forward in tokens; Engine measures it
         self.forwards = 0  # batches run (tests and benchmarks read it)
         self.items_forwarded = 0
@@ -204,6 +207,9 @@ class DynamicBatcher:
             )
         loop = asyncio.get_running_loop()
         now = time.monotonic()
+        lone = 0.0 if (self._queue or self._busy) else 1.0
+        self._lone_share = lone if self._arrivals == 0 else 0.8 * self._lone_share + 0.2 * lone
+        self._arrivals += 1
         futures = []
         for payload, length in zip(payloads, lengths, strict=True):
             fut = loop.create_future()
@@ -270,7 +276,7 @@ class DynamicBatcher:
                 full = len(window) < len(self._queue) or len(window) >= self.max_batch_items
                 oldest = min(p.enqueued for p in self._queue)
                 remaining = oldest + self.max_wait - time.monotonic()
-                if not full and remaining > 0 and not self._closed:
+                if not full and remaining > 0 and not self._closed and self._company_likely():
                     try:
                         await asyncio.wait_for(self._wakeup.wait(), remaining)
                         self._wakeup.clear()
@@ -279,6 +285,13 @@ class DynamicBatcher:
                     continue
                 await self._dispatch(window)
             self._obs.on_queue_depth(self.name, len(self._queue))
+
+    def _company_likely(self) -> bool:
+        """Whether waiting up to max_wait may bring company. Not when nearly every recent request
+        found the model idle and its queue empty: one client waiting for each answer (low load),
+        where the wait would only add max_wait to every latency. Under load requests arrive
+        while others are queued or running, and the wait stays. With little history, wait."""
+        return self._arrivals < 3 or self._lone_share < 0.9
 
     async def _dispatch(self, window: list[int]) -> None:
         chosen = set(window)

@@ -77,6 +77,18 @@ class ModelDescription:
     combine: str = ""
 
 
+INLINE_TOKENIZE_CHARS = 4096  # requests with less text are tokenised on the event loop
+
+
+def _text_chars(items: list[ScoreInput]) -> int:
+    total = 0
+    for it in items:
+        total += len(it.prompt) + len(it.completion)
+        for m in it.messages or ():
+            total += len(m.get("content", "")) + len(m.get("role", ""))
+    return total
+
+
 class Engine:
     """Loads the configured models and answers scoring and log-prob requests."""
 
@@ -296,8 +308,15 @@ class Engine:
     ) -> tuple[list[ItemResult], Timing]:
         runner = self.rewards[name]
         t0 = time.monotonic()
-        loop = asyncio.get_running_loop()
-        encoded = await loop.run_in_executor(self._tokenizer_pool, runner.encode, items, truncation)
+        if _text_chars(items) <= INLINE_TOKENIZE_CHARS:
+            # a short request costs less to tokenise here (~0.15 ms per 100-token item) than the
+            # hop to the tokenizer pool and back (thread wake-ups and GIL hand-offs)
+            encoded = runner.encode(items, truncation)
+        else:
+            loop = asyncio.get_running_loop()
+            encoded = await loop.run_in_executor(
+                self._tokenizer_pool, runner.encode, items, truncation
+            )
         tok_s = time.monotonic() - t0
         sub = await self.batchers[name].submit(
             encoded, [len(e.input_ids) for e in encoded], deadline

@@ -85,7 +85,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     """CLI entry: export, check parity, report."""
     from reward_server.models.loading import ModelLoadError
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    log.setLevel(logging.INFO)  # our progress; not the exporter's own INFO chatter
     try:
         info = export_reward_model(
             args.model,

@@ -1,0 +1,275 @@
+"""The headline side-by-side: the server against the in-process limit, the naive per-request
+server and (optionally) the same server with arrival-order batching, interleaved in one run.
+
+    python -m bench compare --kind gpt2-small --clients 32 --items 1..8 --duration 20 --repeats 2
+
+Each repeat measures every target once, in a rotating order, so slow drifts of the shared machine
+hit all targets alike; the ratios are taken within a repeat. Results go to a JSON file and a
+markdown table on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from bench import machine
+from bench.inprocess import measure_overhead_tokens, run_inprocess
+from bench.loadgen import build_requests, load
+from bench.models import DEFAULT_DIR, build
+from bench.servers import metric_delta, start_naive_server, start_reward_server
+from bench.workload import LengthDist, RequestShape, make_pairs
+
+TARGETS = ("server", "inprocess", "inprocess_tight", "inprocess_b1", "naive", "arrival")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--kind", default="small", help="model shape: gpt2-small, small or tiny")
+    p.add_argument("--model", help="reward model directory (default: the bench model of --kind)")
+    p.add_argument("--clients", type=int, default=32)
+    p.add_argument("--items", default="1..8", help="items per request, e.g. 1..8 or 1")
+    p.add_argument("--lengths", default="16..256", help="item length in tokens, e.g. 16..256")
+    p.add_argument("--duration", type=float, default=20.0, help="measured seconds per target")
+    p.add_argument("--warmup", type=float, default=3.0, help="unmeasured seconds before each")
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--max-batch-tokens", type=int, default=2048)
+    p.add_argument("--max-batch-items", type=int, default=64)
+    p.add_argument("--max-wait-ms", type=float, default=5.0)
+    p.add_argument("--backend", default="torch", choices=["torch", "onnx"])
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (server and in-process)")
+    p.add_argument(
+        "--targets",
+        default="server,inprocess,inprocess_tight,inprocess_b1,naive",
+        help=f"comma-separated subset of {','.join(TARGETS)}",
+    )
+    p.add_argument("--server-arg", action="append", default=[], help="extra `serve` flag")
+    p.add_argument("--models-dir", type=Path, default=DEFAULT_DIR)
+    p.add_argument("--out", type=Path, default=Path("runs/bench"))
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _runner(model: str, backend: str, device: str = "cpu") -> Any:
+    import torch
+
+    if backend == "onnx":
+        from reward_server.models.onnx_reward import OnnxRewardRunner
+
+        return OnnxRewardRunner("rm", model, device=device, max_input_tokens=0, head_combine="")
+    from reward_server.models.loading import resolve_dtype
+    from reward_server.models.reward import RewardRunner
+
+    dtype = torch.float32 if device == "cpu" else resolve_dtype("auto", device)
+    return RewardRunner("rm", model, device=device, dtype=dtype)
+
+
+def run(a: argparse.Namespace) -> dict:
+    """Run the comparison; return the result dict (also written to --out)."""
+    targets = [t.strip() for t in a.targets.split(",") if t.strip()]
+    bad = sorted(set(targets) - set(TARGETS))
+    if bad:
+        raise SystemExit(f"unknown target(s) {bad}; choose from {TARGETS}")
+    if a.model:
+        model = a.model
+    elif a.backend == "onnx":
+        from bench.onnx_speed import exported
+
+        model = str(exported(a.kind, a.models_dir))
+    else:
+        model = str(build(a.kind, "reward", a.models_dir))
+    dist, shape = LengthDist.parse(a.lengths), RequestShape.parse(a.items)
+    runner = _runner(model, a.backend, a.device)
+    pairs, lengths = make_pairs(2000, dist, a.seed, runner.tokenizer)
+    requests = build_requests(pairs, shape, 4000, a.seed, model="rm")
+    serve_args = [
+        "--reward-model",
+        f"rm={model}",
+        "--max-batch-tokens",
+        str(a.max_batch_tokens),
+        "--max-batch-items",
+        str(a.max_batch_items),
+        "--max-wait-ms",
+        str(a.max_wait_ms),
+        "--max-queue-items",
+        str(max(4096, a.clients * shape.hi * 2)),
+        "--backend",
+        a.backend,
+        "--device",
+        a.device,
+        *a.server_arg,
+    ]
+    logs = a.out / "logs"
+    servers: dict[str, Any] = {}
+    try:
+        if "server" in targets:
+            servers["server"] = start_reward_server("server", serve_args, logs)
+        if "arrival" in targets:
+            servers["arrival"] = start_reward_server("arrival", serve_args, logs, variant="arrival")
+        if "naive" in targets:
+            servers["naive"] = start_naive_server("naive", model, logs, backend=a.backend)
+        runner.forward(runner.warmup_items(a.max_batch_tokens, a.max_batch_items))
+        overhead = (
+            measure_overhead_tokens(runner, a.max_batch_tokens, a.max_batch_items)
+            if "inprocess_tight" in targets
+            else None
+        )
+        rows: list[dict] = []
+        rng = random.Random(a.seed)
+        inproc_items = 64
+        steps = a.repeats * len(targets)
+        bar = tqdm(total=steps, desc=f"compare {a.kind}", unit="target")
+        for rep in range(a.repeats):
+            order = targets[rep % len(targets) :] + targets[: rep % len(targets)]
+            for target in order:
+                pids = [os.getpid(), *(s.proc.pid for s in servers.values())]
+                meter = machine.LoadMeter(pids)
+                row: dict[str, Any] = {"repeat": rep, "target": target}
+                if target in servers:
+                    sp = servers[target]
+                    snaps: dict[str, dict] = {}
+
+                    def on_window(which: str, sp=sp, snaps=snaps) -> None:
+                        snaps[which] = sp.metrics()
+
+                    res = load(
+                        sp.address,
+                        requests[rng.randrange(len(requests)) :] + requests,
+                        clients=a.clients,
+                        duration=a.duration,
+                        warmup=a.warmup,
+                        on_window=on_window,
+                    )
+                    row.update(res.summary())
+                    if sp.metrics_port:
+                        row["server_metrics"] = metric_delta(
+                            snaps["start"], snaps["end"], "rm", a.duration
+                        )
+                    if target == "server":
+                        inproc_items = max(32, min(4000, int(res.items_per_s * a.duration)))
+                else:
+                    sample = rng.sample(pairs, min(len(pairs), inproc_items))
+                    cap = 1 if target == "inprocess_b1" else a.max_batch_items
+                    if target == "inprocess_b1":
+                        sample = sample[: max(8, len(sample) // 4)]
+                    r = run_inprocess(
+                        runner,
+                        sample,
+                        max_tokens=a.max_batch_tokens,
+                        max_items=cap,
+                        order="tight" if target == "inprocess_tight" else "sorted",
+                        overhead_tokens=overhead,
+                    )
+                    row.update(
+                        items=r.items,
+                        real_tokens=r.real_tokens,
+                        seconds=round(r.seconds, 2),
+                        tokens_per_s=round(r.tokens_per_s, 1),
+                        items_per_s=round(r.items_per_s, 2),
+                        padding_efficiency=round(r.padding_efficiency, 4),
+                        batches=r.batches,
+                        tokenize_s=round(r.tokenize_seconds, 3),
+                    )
+                row["load"] = meter.stop().summary()
+                rows.append(row)
+                bar.update(1)
+                bar.set_postfix(target=target, tok_s=row.get("tokens_per_s"))
+        bar.close()
+    finally:
+        for s in servers.values():
+            s.stop()
+    result = {
+        "config": {k: str(v) for k, v in vars(a).items() if k != "func"},
+        "inprocess_overhead_tokens": overhead,
+        "model": model,
+        "machine": machine.describe(),
+        "rows": rows,
+        "summary": summarize(rows),
+    }
+    a.out.mkdir(parents=True, exist_ok=True)
+    name = f"compare-{a.kind}-c{a.clients}-i{shape}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    (a.out / name.replace("..", "-")).write_text(json.dumps(result, indent=1))
+    print(markdown(result))
+    return result
+
+
+def rate(row: dict) -> float:
+    """Real tokens/s of a row: for a server, what its forwards completed in the window (exact
+    even when requests outlast the window); in-process rows are timed directly."""
+    fwd = row.get("server_metrics", {}).get("forwarded_tokens_per_s", float("nan"))
+    return fwd if fwd == fwd and fwd > 0 else row["tokens_per_s"]
+
+
+def summarize(rows: list[dict]) -> dict:
+    """Median throughput per target and the within-repeat ratios (on `rate`)."""
+    out: dict[str, Any] = {}
+    by: dict[str, list[dict]] = {}
+    for r in rows:
+        by.setdefault(r["target"], []).append(r)
+    for t, rs in by.items():
+        out[t] = {"tokens_per_s": statistics.median(rate(r) for r in rs)}
+    reps = sorted({r["repeat"] for r in rows})
+
+    def ratio(num: str, den: str) -> list[float]:
+        vals = []
+        for rep in reps:
+            x = {r["target"]: r for r in rows if r["repeat"] == rep}
+            if num in x and den in x and rate(x[den]):
+                vals.append(round(rate(x[num]) / rate(x[den]), 3))
+        return vals
+
+    limits: dict[int, float] = {}
+    for r in rows:
+        if r["target"] in ("inprocess", "inprocess_tight"):
+            limits[r["repeat"]] = max(limits.get(r["repeat"], 0.0), rate(r))
+    best = [
+        round(rate(x) / limits[x["repeat"]], 3)
+        for x in rows
+        if x["target"] == "server" and limits.get(x["repeat"])
+    ]
+    if best:
+        out["server/best_inprocess"] = {"each": best, "median": statistics.median(best)}
+    for num, den in [
+        ("server", "inprocess"),
+        ("server", "inprocess_tight"),
+        ("inprocess_tight", "inprocess"),
+        ("server", "naive"),
+        ("inprocess", "inprocess_b1"),
+        ("naive", "inprocess"),
+        ("arrival", "inprocess"),
+        ("server", "arrival"),
+    ]:
+        vals = ratio(num, den)
+        if vals:
+            out[f"{num}/{den}"] = {"each": vals, "median": statistics.median(vals)}
+    return out
+
+
+def markdown(result: dict) -> str:
+    """A table of the rows and the ratios."""
+    lines = [
+        "| repeat | target | real tok/s | client tok/s | items/s | p50 ms | p99 ms | batch items "
+        "| pad eff | queue ms | others' cores |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        m = r.get("server_metrics", {})
+        eff = m.get("padding_efficiency", r.get("padding_efficiency", float("nan")))
+        lines.append(
+            f"| {r['repeat']} | {r['target']} | {rate(r):.0f} | {r['tokens_per_s']:.0f} | "
+            f"{r['items_per_s']:.1f} | "
+            f"{r.get('p50_ms', float('nan')):.0f} | {r.get('p99_ms', float('nan')):.0f} | "
+            f"{m.get('mean_batch_items', float('nan')):.1f} | {eff:.3f} | "
+            f"{m.get('mean_queue_ms', float('nan')):.0f} | {r['load']['others_cores']:.2f} |"
+        )
+    lines.append("")
+    for k, v in result["summary"].items():
+        if "/" in k:
+            lines.append(f"- {k}: median {v['median']:.3f} (each repeat: {v['each']})")
+    return "\n".join(lines)

@@ -1,0 +1,173 @@
+"""Closed-loop asyncio load generator: N concurrent clients, each sending its next request as soon
+as the last one answers.
+
+Requests are serialised once before the run and sent as bytes on a raw unary-unary method, so the
+generator's own CPU cost stays small (it shares the machine with the server); responses are parsed
+and checked (one score per item). Requests that complete inside the measured window count (a closed
+loop in steady state: completions per second are the throughput); the window opens after a
+warm-up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import numpy as np
+
+from bench.workload import RequestShape
+from reward_server.api.rlhf.v1 import reward_service_pb2 as pb
+
+SCORE_METHOD = "/rlhf.v1.RewardService/Score"
+
+
+@dataclass
+class LoadResult:
+    """What one load run measured (client side)."""
+
+    clients: int
+    """Concurrent clients."""
+    seconds: float
+    """Length of the measured window."""
+    requests: int = 0
+    """Requests completed in the window."""
+    items: int = 0
+    """Items scored in the window."""
+    real_tokens: int = 0
+    """Unpadded tokens of those items (as the server counted them)."""
+    errors: int = 0
+    """Failed requests (any status)."""
+    latencies: list[float] = field(default_factory=list)
+    """Seconds per request, send to answer."""
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.real_tokens / self.seconds
+
+    @property
+    def items_per_s(self) -> float:
+        return self.items / self.seconds
+
+    def latency_ms(self, q: float) -> float:
+        """Latency quantile (0..100) in milliseconds."""
+        return float(np.percentile(self.latencies, q) * 1e3) if self.latencies else float("nan")
+
+    def summary(self) -> dict:
+        return {
+            "clients": self.clients,
+            "seconds": round(self.seconds, 2),
+            "requests": self.requests,
+            "items": self.items,
+            "real_tokens": self.real_tokens,
+            "errors": self.errors,
+            "tokens_per_s": round(self.tokens_per_s, 1),
+            "items_per_s": round(self.items_per_s, 2),
+            "p50_ms": round(self.latency_ms(50), 2),
+            "p90_ms": round(self.latency_ms(90), 2),
+            "p99_ms": round(self.latency_ms(99), 2),
+        }
+
+
+def build_requests(
+    pairs: Sequence[tuple[str, str]],
+    shape: RequestShape,
+    n_requests: int,
+    seed: int = 0,
+    model: str = "",
+) -> list[tuple[bytes, int]]:
+    """Serialised ScoreRequests drawn from `pairs`, with their item counts."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n_requests):
+        k = rng.randint(shape.lo, shape.hi)
+        items = [pb.ScoreItem(prompt=p, completion=c) for p, c in rng.sample(list(pairs), k)]
+        out.append((pb.ScoreRequest(model=model, items=items).SerializeToString(), k))
+    return out
+
+
+async def _client(
+    call: grpc.aio.UnaryUnaryMultiCallable,
+    requests: Sequence[tuple[bytes, int]],
+    offset: int,
+    window: tuple[float, float],
+    result: LoadResult,
+    timeout: float,
+) -> None:
+    start, end = window
+    i = offset
+    while True:
+        t0 = time.perf_counter()
+        if t0 >= end:
+            return
+        data, k = requests[i % len(requests)]
+        i += 1
+        try:
+            raw = await call(data, timeout=timeout)
+        except grpc.aio.AioRpcError:
+            result.errors += 1
+            await asyncio.sleep(0.01)
+            continue
+        t1 = time.perf_counter()
+        resp = pb.ScoreResponse.FromString(raw)
+        if len(resp.scores) != k:
+            raise RuntimeError(f"asked {k} scores, got {len(resp.scores)}")
+        if start <= t1 <= end:  # completions in the window (steady-state closed loop)
+            result.requests += 1
+            result.items += k
+            result.real_tokens += sum(s.num_tokens for s in resp.scores)
+            result.latencies.append(t1 - t0)
+
+
+async def run_load(
+    address: str,
+    requests: Sequence[tuple[bytes, int]],
+    *,
+    clients: int,
+    duration: float,
+    warmup: float = 2.0,
+    timeout: float = 600.0,
+    on_window: Callable[[str], None] | None = None,
+) -> LoadResult:
+    """Run `clients` closed-loop clients for warmup + duration seconds; measure the last part.
+
+    `on_window("start")` and `on_window("end")` run (in a thread) when the window opens and
+    closes, e.g. to scrape the server's metrics. Requests still running at the end are cancelled.
+    """
+    opts = [
+        ("grpc.max_receive_message_length", 64 << 20),
+        ("grpc.max_send_message_length", 64 << 20),
+    ]
+    async with grpc.aio.insecure_channel(address, options=opts) as channel:
+        await asyncio.wait_for(channel.channel_ready(), 30)
+        call = channel.unary_unary(SCORE_METHOD)  # bytes in, bytes out
+        now = time.perf_counter()
+        window = (now + warmup, now + warmup + duration)
+        result = LoadResult(clients, duration)
+        step = max(1, len(requests) // max(1, clients))
+        tasks = [
+            asyncio.ensure_future(_client(call, requests, c * step, window, result, timeout))
+            for c in range(clients)
+        ]
+        await asyncio.sleep(max(0.0, window[0] - time.perf_counter()))
+        if on_window:
+            await asyncio.to_thread(on_window, "start")
+        await asyncio.sleep(max(0.0, window[1] - time.perf_counter()))
+        if on_window:
+            await asyncio.to_thread(on_window, "end")
+        for t in tasks:
+            t.cancel()
+        done = await asyncio.gather(*tasks, return_exceptions=True)
+        for d in done:
+            if isinstance(d, Exception) and not isinstance(d, asyncio.CancelledError):
+                raise d
+    return result
+
+
+def load(address: str, requests: Sequence[tuple[bytes, int]], **kw: Any) -> LoadResult:
+    """Blocking wrapper of `run_load`."""
+    return asyncio.run(run_load(address, requests, **kw))

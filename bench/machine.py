@@ -1,0 +1,102 @@
+"""The machine a benchmark ran on, and how busy it was with other work while it ran."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import subprocess
+import time
+from dataclasses import dataclass
+
+
+def describe() -> dict:
+    """CPU model, cores, memory, library versions, date."""
+    info = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "nproc": os.cpu_count(),
+        "python": platform.python_version(),
+    }
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        for line in out.splitlines():
+            key, _, val = line.partition(":")
+            if key.strip() in ("Model name", "CPU(s)", "Thread(s) per core", "Hypervisor vendor"):
+                info[key.strip()] = val.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+        info["torch_threads"] = torch.get_num_threads()
+    except ImportError:
+        pass
+    for mod in ("transformers", "onnxruntime", "grpc"):
+        with contextlib.suppress(ImportError, AttributeError):
+            info[mod] = __import__(mod).__version__
+    return info
+
+
+def _cpu_totals() -> tuple[float, float]:
+    with open("/proc/stat") as f:
+        vals = [float(v) for v in f.readline().split()[1:]]
+    idle = vals[3] + vals[4]
+    return sum(vals), idle
+
+
+@dataclass
+class LoadWindow:
+    """CPU use of the whole machine over a window, and of our own processes."""
+
+    seconds: float
+    busy_cores: float
+    """Cores busy on average (all processes)."""
+    ours_cores: float
+    """Cores used by the benchmark's own processes (server, load generator, in-process model)."""
+    loadavg_1m: float
+    """The 1-minute load average at the end."""
+
+    @property
+    def others_cores(self) -> float:
+        """Cores taken by other work on the machine (the noise)."""
+        return max(0.0, self.busy_cores - self.ours_cores)
+
+    def summary(self) -> dict:
+        return {
+            "busy_cores": round(self.busy_cores, 2),
+            "ours_cores": round(self.ours_cores, 2),
+            "others_cores": round(self.others_cores, 2),
+            "loadavg_1m": round(self.loadavg_1m, 2),
+        }
+
+
+class LoadMeter:
+    """Start, then stop: machine-wide busy cores and our processes' share in between."""
+
+    def __init__(self, pids: list[int]) -> None:
+        import psutil
+
+        self._procs = [psutil.Process(p) for p in pids]
+        self._t0 = time.monotonic()
+        self._tot0, self._idle0 = _cpu_totals()
+        self._ours0 = self._ours()
+
+    def _ours(self) -> float:
+        total = 0.0
+        for p in self._procs:
+            try:
+                t = p.cpu_times()
+                total += t.user + t.system
+            except Exception:  # noqa: BLE001 - a process that ended counts as nothing more
+                pass
+        return total
+
+    def stop(self) -> LoadWindow:
+        seconds = time.monotonic() - self._t0
+        tot, idle = _cpu_totals()
+        ticks = tot - self._tot0
+        ncpu = os.cpu_count() or 1
+        busy = (ticks - (idle - self._idle0)) / ticks * ncpu if ticks else 0.0
+        ours = (self._ours() - self._ours0) / seconds if seconds else 0.0
+        return LoadWindow(seconds, busy, ours, os.getloadavg()[0])

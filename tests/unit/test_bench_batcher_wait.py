@@ -1,0 +1,61 @@
+"""The batcher skips its max_wait when requests keep finding it idle (one sequential client), and
+keeps it under load (no gRPC, no torch)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from reward_server.batcher import DynamicBatcher
+
+
+def make(max_wait_ms: float = 50) -> DynamicBatcher:
+    return DynamicBatcher(
+        "m",
+        lambda payloads: list(payloads),
+        ThreadPoolExecutor(1),
+        max_batch_tokens=1000,
+        max_batch_items=16,
+        max_wait_ms=max_wait_ms,
+        max_queue_items=64,
+    )
+
+
+def test_one_sequential_client_stops_paying_max_wait():
+    async def main() -> list[float]:
+        b = make()
+        b.start()
+        waits = []
+        for i in range(6):
+            t0 = time.monotonic()
+            await b.submit([i], [3])
+            waits.append(time.monotonic() - t0)
+            await asyncio.sleep(0.15)  # the client thinks: each request finds the batcher idle
+        await b.stop()
+        return waits
+
+    waits = asyncio.run(main())
+    assert waits[0] >= 0.04  # no history yet: waits for company
+    assert all(w < 0.03 for w in waits[2:]), waits
+
+
+def test_concurrent_clients_still_wait_and_merge():
+    async def main() -> tuple[int, int]:
+        b = make()
+        b.start()
+        for _ in range(3):  # a sequential history first: the estimate says "alone"
+            await b.submit([0], [3])
+            await asyncio.sleep(0.15)
+        before = b.forwards
+
+        async def client(i: int) -> None:
+            for _ in range(5):
+                await b.submit([i], [3])
+
+        await asyncio.gather(*(client(i) for i in range(8)))
+        await b.stop()
+        return b.forwards - before, b.items_forwarded
+
+    forwards, _ = asyncio.run(main())
+    assert forwards <= 20  # 40 items from 8 concurrent clients: merged, not one forward each
