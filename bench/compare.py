@@ -28,7 +28,7 @@ from bench.models import DEFAULT_DIR, build
 from bench.servers import metric_delta, start_naive_server, start_reward_server
 from bench.workload import LengthDist, RequestShape, make_pairs
 
-TARGETS = ("server", "inprocess", "inprocess_tight", "inprocess_b1", "naive", "arrival")
+TARGETS = ("server", "inprocess", "inprocess_tight", "inprocess_b1", "naive", "arrival", "fill")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -112,6 +112,8 @@ def run(a: argparse.Namespace) -> dict:
             servers["server"] = start_reward_server("server", serve_args, logs)
         if "arrival" in targets:
             servers["arrival"] = start_reward_server("arrival", serve_args, logs, variant="arrival")
+        if "fill" in targets:
+            servers["fill"] = start_reward_server("fill", serve_args, logs, variant="fill")
         if "naive" in targets:
             servers["naive"] = start_naive_server("naive", model, logs, backend=a.backend)
         runner.forward(runner.warmup_items(a.max_batch_tokens, a.max_batch_items))
@@ -244,6 +246,8 @@ def summarize(rows: list[dict]) -> dict:
         ("naive", "inprocess"),
         ("arrival", "inprocess"),
         ("server", "arrival"),
+        ("fill", "inprocess"),
+        ("server", "fill"),
     ]:
         vals = ratio(num, den)
         if vals:

@@ -1,4 +1,5 @@
-"""`reward-server serve` with arrival-order batching, for the side-by-side padding comparison.
+"""`reward-server serve` with arrival-order batching (or, with BENCH_BATCH_VARIANT=fill,
+budget-filling length-sorted windows), for side-by-side comparisons.
 
 The real server with one thing changed: the batcher takes the oldest queued items in arrival order
 under the same token budget and item cap, instead of a length-sorted window. Everything else
@@ -9,6 +10,7 @@ under the same token budget and item cap, instead of a length-sorted window. Eve
 
 from __future__ import annotations
 
+import os
 import sys
 
 from reward_server import batcher as batcher_mod
@@ -31,8 +33,20 @@ def arrival_window(self: batcher_mod.DynamicBatcher) -> list[int]:
     return chosen
 
 
+async def _infinite_overhead(self, runner, big) -> float:  # noqa: ANN001 - Engine's signature
+    return float("inf")
+
+
 def main() -> int:
-    batcher_mod.DynamicBatcher._window = arrival_window  # the one change
+    variant = os.environ.get("BENCH_BATCH_VARIANT", "arrival")
+    if variant == "arrival":
+        batcher_mod.DynamicBatcher._window = arrival_window  # the one change
+    elif variant == "fill":  # length-sorted windows that fill the budget (no cost-aware rule)
+        from reward_server.engine import Engine
+
+        Engine.measure_overhead_tokens = _infinite_overhead
+    else:
+        raise SystemExit(f"unknown BENCH_BATCH_VARIANT {variant!r}")
     from reward_server.cli import main as cli_main
 
     return cli_main(sys.argv[1:])

@@ -116,7 +116,8 @@ def start_reward_server(
 ) -> BenchServer:
     """`reward-server serve` (or `bench.serve_variant` when variant == "arrival") on loopback."""
     port, mport = free_port(), free_port()
-    module = "bench.serve_variant" if variant == "arrival" else "reward_server.cli"
+    module = "bench.serve_variant" if variant else "reward_server.cli"
+    env = {**(env or {}), **({"BENCH_BATCH_VARIANT": variant} if variant else {})}
     cmd = [
         sys.executable,
         "-m",
@@ -134,7 +135,7 @@ def start_reward_server(
         "INFO",
         *serve_args,
     ]
-    sp = _launch(label, cmd, port, mport, log_dir, env or {})
+    sp = _launch(label, cmd, port, mport, log_dir, env)
     _wait_serving(sp, timeout)
     return sp
 
