@@ -63,7 +63,7 @@ def slow_ckpts(tmp_path_factory):
     from reward_server.tiny import build_tiny_checkpoints
 
     return build_tiny_checkpoints(
-        tmp_path_factory.mktemp("slow"), n_layer=4, n_embd=256, n_head=4, n_positions=1024
+        tmp_path_factory.mktemp("slow"), n_layer=6, n_embd=384, n_head=6, n_positions=1024
     )
 
 
