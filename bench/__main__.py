@@ -17,6 +17,10 @@ COMMANDS = {
     "quantized": ("bench.quantized", "bitsandbytes 8/4-bit reward models: ranks and memory"),
     "report": ("bench.report", "markdown tables of saved compare results"),
     "profile": ("bench.profile", "py-spy: where the server's time goes, by thread and job"),
+    "trainer": (
+        "bench.trainer_rpc",
+        "PPO iteration time blocked on RPCs, overlap modes side by side",
+    ),
 }
 
 

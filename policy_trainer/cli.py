@@ -10,6 +10,7 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 
 EXIT_CONFIG = 2
 EXIT_SERVER = 3
@@ -28,8 +29,14 @@ def build_parser() -> argparse.ArgumentParser:
         "e.g. ppo.lr=3e-6 run.iterations=100. Under torchrun every rank runs this command.",
     )
     ppo.add_argument("--config", required=True, help="YAML run config (see docs/TRAINER.md)")
-    ppo.add_argument(
+    resume = ppo.add_mutually_exclusive_group()
+    resume.add_argument(
         "--resume", action="store_true", help="continue from the run directory's latest checkpoint"
+    )
+    resume.add_argument(
+        "--resume-if-present",
+        action="store_true",
+        help="continue from the latest checkpoint if there is one, else start (safe for retries)",
     )
     ppo.add_argument("--server", help="reward server address (overrides server.address)")
     ppo.add_argument("--output-dir", help="run directory (overrides run.output_dir)")
@@ -54,13 +61,17 @@ def run_ppo(args: argparse.Namespace) -> int:
         print(f"policy-trainer: config error: {e}", file=sys.stderr)
         return EXIT_CONFIG
 
+    from policy_trainer.checkpoint import latest_checkpoint
     from policy_trainer.distributed import shutdown_distributed
     from policy_trainer.remote import ServerRejectedError, ServerUnavailableError
     from policy_trainer.trainer import PPOTrainer, TrainingStopped
 
     trainer = None
     try:
-        trainer = PPOTrainer(cfg, resume=args.resume)
+        resume = args.resume or (
+            args.resume_if_present and latest_checkpoint(Path(cfg.run.output_dir)) is not None
+        )
+        trainer = PPOTrainer(cfg, resume=resume)
         last = trainer.run()
         if trainer.dist.is_main:
             what = "done" if last >= cfg.run.iterations else "stopped (continue with --resume)"

@@ -92,6 +92,12 @@ class RolloutConfig:
     """Responses sampled per prompt (k; at least 2 for rloo/grpo)."""
     chunk_size: int = 4
     """Sequences generated at once; each chunk's RPCs overlap the next chunk's generation."""
+    overlap: str = "batch"
+    """How the Score / ReferenceLogProbs RPCs overlap the trainer's own work. "batch": every chunk
+    is generated first (chunk i's RPCs run while chunk i+1 is sampled), then the policy log-probs
+    and values of all chunks are computed while the last chunks' RPCs finish. "chunk": each chunk's
+    policy forward right after its generation (the last chunk's RPCs overlap only its own forward).
+    "none": block on each chunk's RPCs as soon as they are sent (no overlap; for measurement)."""
     temperature: float = 1.0
     """Sampling temperature, also used for every log-prob (policy and reference)."""
     max_new_tokens: int = 12
@@ -400,6 +406,7 @@ def validate(cfg: TrainerConfig) -> None:
     _positive(s.timeout, "server.timeout")
     _positive(s.max_retries, "server.max_retries", allow_zero=True)
     _positive(s.retry_budget_seconds, "server.retry_budget_seconds", allow_zero=True)
+    _choice(r.overlap, ("batch", "chunk", "none"), "rollout.overlap")
     _choice(p.advantage_estimator, ("gae", "rloo", "grpo"), "ppo.advantage_estimator")
     _choice(p.kl_estimator, ("k1", "k2", "k3"), "ppo.kl_estimator")
     _choice(p.lr_schedule, ("linear", "constant"), "ppo.lr_schedule")

@@ -1,5 +1,5 @@
 """One rollout batch: sample responses chunk by chunk while the previous chunks' Score and
-ReferenceLogProbs RPCs run, then the policy's own log-probs and values."""
+ReferenceLogProbs RPCs run, then the policy's own log-probs and values while the last ones finish."""
 
 from __future__ import annotations
 
@@ -111,9 +111,13 @@ def collect_rollout(
 ) -> tuple[RolloutBatch, dict[str, float]]:
     """Sample ``cfg.samples_per_prompt`` responses per prompt in chunks of ``cfg.chunk_size``.
 
-    Chunk i's RPCs are submitted as soon as it is sampled, then its policy log-probs are computed
-    and chunk i+1 sampled while the RPCs are in flight; results are collected at the end.
-    Returns the batch and timing stats (generation_seconds, rpc_wait_seconds).
+    Chunk i's RPCs are submitted as soon as it is sampled and run while chunk i+1 is sampled
+    (NeMo-Aligner's futures pattern). With ``cfg.overlap == "batch"`` the policy log-probs and
+    values of all chunks are computed after the last chunk is sampled, so the last chunks' RPCs
+    overlap the whole policy forward instead of one chunk's; "chunk" computes each chunk's right
+    after it is sampled; "none" blocks on each chunk's RPCs at once (the sequential baseline).
+    Results are collected at the end. Returns the batch and timing stats (generation_seconds,
+    policy_forward_seconds, rpc_wait_seconds).
     """
     seqs = [p for p in prompts for _ in range(cfg.samples_per_prompt)]
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
@@ -124,7 +128,16 @@ def collect_rollout(
         else None
     )
     parts: list[dict[str, Any]] = []
-    gen_seconds = 0.0
+    gen_seconds = fwd_seconds = 0.0
+
+    def policy_forward(part: dict[str, Any]) -> None:
+        nonlocal fwd_seconds
+        t = time.perf_counter()
+        part["logp"], part["values"] = policy_logprobs(
+            model, part["q"], part["qm"], part["resp"], part["rmask"], cfg.temperature
+        )
+        fwd_seconds += time.perf_counter() - t
+
     remote.pop_wait_seconds()
     for start in range(0, len(seqs), cfg.chunk_size):
         chunk = seqs[start : start + cfg.chunk_size]
@@ -152,24 +165,29 @@ def collect_rollout(
             [len(p.token_ids) for p in chunk],
         )
         resp, rmask = right_pad(resp_lists, pad, device, width=r_max)  # [C, R]
-        logp, values = policy_logprobs(model, q, qm, resp, rmask, cfg.temperature)
         gen_seconds += time.perf_counter() - t0
-        parts.append(
-            dict(
-                query=[p.token_ids for p in chunk],
-                resp=resp,
-                rmask=rmask,
-                logp=logp,
-                values=values,
-                has_eos=has_eos,
-                completions=completions,
-                rpcs=rpcs,
-                lengths=lengths,
-            )
+        part = dict(
+            query=[p.token_ids for p in chunk],
+            q=q,
+            qm=qm,
+            resp=resp,
+            rmask=rmask,
+            has_eos=has_eos,
+            completions=completions,
+            rpcs=rpcs,
+            lengths=lengths,
         )
+        if cfg.overlap == "none":
+            part["results"] = remote.collect(rpcs)
+        if cfg.overlap != "batch":
+            policy_forward(part)
+        parts.append(part)
+    if cfg.overlap == "batch":
+        for part in parts:
+            policy_forward(part)
     scores, refs, valid = [], [], []
     for part in parts:
-        s, r = remote.collect(part["rpcs"])
+        s, r = part["results"] if "results" in part else remote.collect(part["rpcs"])
         ref = torch.zeros_like(part["logp"])  # [C, R]
         for i, lp in enumerate(r):
             if lp is not None:
@@ -194,4 +212,8 @@ def collect_rollout(
         valid=cat(valid),
         completions=[c for p in parts for c in p["completions"]],
     )
-    return batch, {"generation_seconds": gen_seconds, "rpc_wait_seconds": remote.pop_wait_seconds()}
+    return batch, {
+        "generation_seconds": gen_seconds,
+        "policy_forward_seconds": fwd_seconds,
+        "rpc_wait_seconds": remote.pop_wait_seconds(),
+    }

@@ -27,7 +27,15 @@ REQUIRED_KEYS = (
 """Keys every metrics.jsonl line carries."""
 
 WALL_CLOCK_KEYS = frozenset(
-    {"rpc_wait_seconds", "iteration_seconds", "generation_seconds", "update_seconds", "time"}
+    {
+        "rpc_wait_seconds",
+        "iteration_seconds",
+        "generation_seconds",
+        "policy_forward_seconds",
+        "update_seconds",
+        "rpc_wait_share",
+        "time",
+    }
 )
 """Keys that measure time, so differ between otherwise identical runs."""
 

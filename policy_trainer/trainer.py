@@ -369,6 +369,7 @@ class PPOTrainer:
             sequences=int(n_total),
             iteration_seconds=time.perf_counter() - t0,
         )
+        metrics["rpc_wait_share"] = metrics["rpc_wait_seconds"] / metrics["iteration_seconds"]
         if cfg.run.check_rank_sync and self.dist.enabled:
             metrics["weights_digest"] = check_ranks_in_sync(self.model)
         if self.dist.is_main:

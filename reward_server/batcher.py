@@ -133,6 +133,7 @@ class DynamicBatcher:
         max_wait_ms: float,
         max_queue_items: int,
         observer: BatchObserver | None = None,
+        skip_wait_when_idle: bool = True,
     ) -> None:
         self.name = name
         self._run_batch = run_batch
@@ -141,6 +142,7 @@ class DynamicBatcher:
         self.max_batch_items = max_batch_items
         self.max_wait = max_wait_ms / 1000.0
         self.max_queue_items = max_queue_items
+        self.skip_wait_when_idle = skip_wait_when_idle
         self._obs: BatchObserver = observer or _NullObserver()
         self._queue: list[_Pending] = []
         self._wakeup = asyncio.Event()
@@ -291,6 +293,8 @@ class DynamicBatcher:
         found the model idle and its queue empty: one client waiting for each answer (low load),
         where the wait would only add max_wait to every latency. Under load requests arrive
         while others are queued or running, and the wait stays. With little history, wait."""
+        if not self.skip_wait_when_idle:
+            return True
         return self._arrivals < 3 or self._lone_share < 0.9
 
     async def _dispatch(self, window: list[int]) -> None:

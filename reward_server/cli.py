@@ -73,6 +73,16 @@ def add_serve_parser(sub: Any) -> None:
     )
     p.add_argument("--max-batch-items", type=int, help="most items per forward")
     p.add_argument("--max-wait-ms", type=float, help="longest wait for a fuller batch")
+    _bool_flag(
+        p,
+        "--skip-wait-when-idle",
+        "no max-wait while nearly every recent request found the model idle (default on)",
+    )
+    p.add_argument(
+        "--batch-overhead-tokens",
+        type=float,
+        help="a forward's fixed cost in tokens (-1 = measured at warm-up; 1e9 = fill the budget)",
+    )
     p.add_argument(
         "--max-queue-items", type=int, help="queued items per model before RESOURCE_EXHAUSTED"
     )
@@ -89,6 +99,11 @@ def add_serve_parser(sub: Any) -> None:
         help="memory budget of one logits slice in ReferenceLogProbs",
     )
     p.add_argument("--tokenizer-threads", type=int, help="tokenisation threads")
+    p.add_argument(
+        "--inline-tokenize-chars",
+        type=int,
+        help="tokenise Score requests up to this many characters on the event loop (0 = never)",
+    )
     _bool_flag(p, "--warmup", "run a largest-batch forward per model before SERVING (default on)")
     p.add_argument("--metrics-port", type=int, help="Prometheus metrics port (0 = off)")
     p.add_argument("--grace-seconds", type=float, help="drain time on SIGTERM")

@@ -67,6 +67,14 @@ class ServerConfig:
     """Most items in one forward."""
     max_wait_ms: float = 5.0
     """Longest an item waits for a fuller batch once the device is free."""
+    skip_wait_when_idle: bool = True
+    """Dispatch at once, without max_wait_ms, while nearly every recent request found the model
+    idle and its queue empty (one client waiting for each answer: waiting brings no company)."""
+    batch_overhead_tokens: float = -1.0
+    """A forward's fixed cost in tokens' worth, which decides how much padding a batch may take on
+    to add an item (docs/API.md, batching). -1 = measured at warm-up (infinite without warm-up);
+    0 = never pad for company (tightest batches); a very large value (e.g. 1e9) = fill the token
+    budget, the GPU habit."""
     max_queue_items: int = 4096
     """Queued items per model before new requests get RESOURCE_EXHAUSTED."""
     max_items_per_request: int = 512
@@ -80,6 +88,10 @@ class ServerConfig:
     full [batch, seq, vocab] tensor is never built."""
     tokenizer_threads: int = 2
     """Threads for tokenisation (the fast tokenizers release the GIL)."""
+    inline_tokenize_chars: int = 4096
+    """Score requests with at most this many characters of text are tokenised on the event loop
+    (cheaper than the hop to the tokenizer threads and back); longer ones on the tokenizer
+    threads. 0 = always on the tokenizer threads."""
     warmup: bool = True
     """Run one largest-batch forward per model before reporting SERVING."""
     metrics_port: int = 0
@@ -217,6 +229,11 @@ class ServerConfig:
         need(self.max_input_tokens >= 0, "max_input_tokens must be >= 0")
         need(math.isfinite(self.max_wait_ms) and self.max_wait_ms >= 0, "max_wait_ms must be >= 0")
         need(self.logprob_slice_mb > 0, "logprob_slice_mb must be > 0")
+        need(
+            self.batch_overhead_tokens == -1 or self.batch_overhead_tokens >= 0,
+            "batch_overhead_tokens must be >= 0, or -1 (measured at warm-up)",
+        )
+        need(self.inline_tokenize_chars >= 0, "inline_tokenize_chars must be >= 0")
         need(self.tokenizer_threads >= 1, "tokenizer_threads must be >= 1")
         need(self.grace_seconds >= 0, "grace_seconds must be >= 0")
         need(self.max_message_mb >= 1, "max_message_mb must be >= 1")

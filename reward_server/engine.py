@@ -77,9 +77,6 @@ class ModelDescription:
     combine: str = ""
 
 
-INLINE_TOKENIZE_CHARS = 4096  # requests with less text are tokenised on the event loop
-
-
 def _text_chars(items: list[ScoreInput]) -> int:
     total = 0
     for it in items:
@@ -173,9 +170,12 @@ class Engine:
                 max_batch_tokens=self.max_batch_tokens,
                 max_batch_items=cfg.max_batch_items,
                 max_wait_ms=cfg.max_wait_ms,
+                skip_wait_when_idle=cfg.skip_wait_when_idle,
                 max_queue_items=cfg.max_queue_items,
                 observer=self.observer,
             )
+            if cfg.batch_overhead_tokens >= 0:  # set by the operator; else measured at warm-up
+                b.overhead_tokens = cfg.batch_overhead_tokens
             b.start()
             self.batchers[name] = b
 
@@ -188,6 +188,8 @@ class Engine:
             items = runner.warmup_items(self.max_batch_tokens, self.config.max_batch_items)
             await loop.run_in_executor(self._workers[self.device], runner.forward, items)
             log.info("warmed up %r with %d items in %.2fs", name, len(items), time.monotonic() - t0)
+            if self.config.batch_overhead_tokens >= 0:
+                continue
             overhead = await self.measure_overhead_tokens(runner, items)
             self.batchers[name].overhead_tokens = overhead
             log.info("model %r: a forward's fixed cost is %.0f tokens' worth", name, overhead)
@@ -308,7 +310,7 @@ class Engine:
     ) -> tuple[list[ItemResult], Timing]:
         runner = self.rewards[name]
         t0 = time.monotonic()
-        if _text_chars(items) <= INLINE_TOKENIZE_CHARS:
+        if _text_chars(items) <= self.config.inline_tokenize_chars:
             # a short request costs less to tokenise here (~0.15 ms per 100-token item) than the
             # hop to the tokenizer pool and back (thread wake-ups and GIL hand-offs)
             encoded = runner.encode(items, truncation)

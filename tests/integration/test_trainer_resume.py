@@ -66,10 +66,13 @@ def test_resume_matches_uninterrupted_run(server, tiny_ckpts, tmp_path: Path) ->
     )
 
     assert main(["ppo", "--config", str(full_cfg)]) == 0
-    assert main(["ppo", "--config", str(split_cfg), "run.stop_after=2"]) == 0
+    # --resume-if-present starts a fresh run when there is no checkpoint (a Job's first attempt)
+    # and resumes when there is one (its retry)
+    cmd = ["ppo", "--config", str(split_cfg), "--resume-if-present"]
+    assert main([*cmd, "run.stop_after=2"]) == 0
     first_half = read_metrics(split_dir / "metrics.jsonl")
     assert [m["iteration"] for m in first_half] == [1, 2]
-    assert main(["ppo", "--config", str(split_cfg), "--resume"]) == 0
+    assert main(cmd) == 0
 
     full = read_metrics(full_dir / "metrics.jsonl")
     split = read_metrics(split_dir / "metrics.jsonl")

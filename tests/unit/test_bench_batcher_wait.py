@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from reward_server.batcher import DynamicBatcher
 
 
-def make(max_wait_ms: float = 50) -> DynamicBatcher:
+def make(max_wait_ms: float = 50, skip: bool = True) -> DynamicBatcher:
     return DynamicBatcher(
         "m",
         lambda payloads: list(payloads),
@@ -19,12 +19,13 @@ def make(max_wait_ms: float = 50) -> DynamicBatcher:
         max_batch_items=16,
         max_wait_ms=max_wait_ms,
         max_queue_items=64,
+        skip_wait_when_idle=skip,
     )
 
 
-def test_one_sequential_client_stops_paying_max_wait():
+def sequential_waits(skip: bool) -> list[float]:
     async def main() -> list[float]:
-        b = make()
+        b = make(skip=skip)
         b.start()
         waits = []
         for i in range(6):
@@ -35,9 +36,18 @@ def test_one_sequential_client_stops_paying_max_wait():
         await b.stop()
         return waits
 
-    waits = asyncio.run(main())
+    return asyncio.run(main())
+
+
+def test_one_sequential_client_stops_paying_max_wait():
+    waits = sequential_waits(skip=True)
     assert waits[0] >= 0.04  # no history yet: waits for company
     assert all(w < 0.03 for w in waits[2:]), waits
+
+
+def test_skip_wait_when_idle_off_always_waits():
+    waits = sequential_waits(skip=False)
+    assert all(w >= 0.045 for w in waits), waits
 
 
 def test_concurrent_clients_still_wait_and_merge():

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -207,3 +208,80 @@ def test_prompt_loading_and_sampler(tmp_path: Path, tiny_policy) -> None:
     s2 = PromptSampler(5, per_rank=2, seed=1, shuffle=True, rank=0, world_size=2)
     s2.load_state_dict(state)
     assert s2.next_indices() == nxt
+
+
+class _RecordingRemote:
+    """Stands in for RemoteRewards: records when each chunk's RPCs are sent and collected, and
+    answers with a score derived from the completion and zero reference log-probs."""
+
+    def __init__(self, events: list[str]) -> None:
+        self.events, self.n = events, 0
+
+    def submit(self, items, token_ids, starts):
+        i, self.n = self.n, self.n + 1
+        self.events.append(f"submit{i}")
+        scores = np.array([float(len(c)) for _, c in items], dtype=np.float32)
+        refs = [
+            np.zeros(len(t) - s, dtype=np.float32) for t, s in zip(token_ids, starts, strict=True)
+        ]
+        return (i, scores, refs)
+
+    def collect(self, rpcs):
+        i, scores, refs = rpcs
+        self.events.append(f"collect{i}")
+        return scores, refs
+
+    def pop_wait_seconds(self) -> float:
+        return 0.0
+
+
+@pytest.mark.parametrize(
+    "overlap, expected",
+    [
+        # every chunk sampled and sent before any policy forward: the last RPCs overlap all three
+        ("batch", ["submit0", "submit1", "submit2", "fwd", "fwd", "fwd"]),
+        ("chunk", ["submit0", "fwd", "submit1", "fwd", "submit2", "fwd"]),
+        ("none", ["submit0", "collect0", "fwd", "submit1", "collect1", "fwd", "submit2"]),
+    ],
+)
+def test_overlap_modes_order_work_and_give_the_same_batch(
+    tiny_policy, monkeypatch, overlap, expected
+) -> None:
+    import policy_trainer.rollout as rollout
+    from policy_trainer.config import RolloutConfig
+    from policy_trainer.data import Prompt
+
+    tok, model = tiny_policy
+    prompts = [Prompt(t, tok(t)["input_ids"]) for t in ["the cat", "one two", "a red car"]]
+    events: list[str] = []
+    real = rollout.policy_logprobs
+    monkeypatch.setattr(
+        rollout, "policy_logprobs", lambda *a, **k: (events.append("fwd"), real(*a, **k))[1]
+    )
+
+    def run(mode: str) -> rollout.RolloutBatch:
+        events.clear()
+        cfg = RolloutConfig(samples_per_prompt=2, chunk_size=2, max_new_tokens=6, overlap=mode)
+        batch, timing = rollout.collect_rollout(
+            model,
+            prompts,
+            cfg,
+            _RecordingRemote(events),
+            tok,
+            torch.device("cpu"),
+            torch.Generator().manual_seed(5),
+        )
+        assert set(timing) == {"generation_seconds", "policy_forward_seconds", "rpc_wait_seconds"}
+        return batch
+
+    got = run(overlap)
+    assert events[: len(expected)] == expected
+    assert sorted(e for e in events if e.startswith("collect")) == [
+        "collect0",
+        "collect1",
+        "collect2",
+    ]
+    ref = run("chunk")  # the order of the work changes nothing in the result
+    for name in ("response", "response_mask", "old_logprobs", "old_values", "scores", "valid"):
+        assert torch.equal(getattr(got, name), getattr(ref, name)), name
+    assert got.completions == ref.completions
