@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # The runs behind docs/BENCHMARKS.md, in order of importance. Each writes JSON under runs/bench/
 # and prints a table; PNG curves go to docs/. Usage: bash bench/run_all.sh [SECTION...]
-# Sections: tiny small gpt2 latency reference budget onnx quantized curves profile (default: all;
+# Sections: tiny small gpt2 latency reference budget onnx quantized curves trainer profile (default: all;
 # profile needs py-spy).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 sections=("$@")
-[ ${#sections[@]} -eq 0 ] && sections=(tiny small gpt2 latency reference budget onnx quantized curves)
+[ ${#sections[@]} -eq 0 ] && sections=(tiny small gpt2 latency reference budget onnx quantized curves trainer)
 T=server,inprocess,inprocess_tight,inprocess_b1,naive
 mkdir -p runs/bench
 for s in "${sections[@]}"; do
@@ -47,6 +47,9 @@ for s in "${sections[@]}"; do
     curves)
       $PY -m bench curves --kind small --sweep concurrency --values 1,2,4,8,16,32,64,128
       $PY -m bench curves --kind small --sweep length --values 32,64,128,256,512,1024 --clients 16 ;;
+    trainer)
+      $PY -m bench trainer --kind small --reward-kind gpt2-small --modes none,chunk,batch \
+        --iterations 4 --repeats 3 ;;
     profile)
       $PY -m bench profile --kind tiny --clients 32 --items 1 --duration 12 ;;
     *) echo "unknown section $s"; exit 2 ;;

@@ -50,7 +50,8 @@ TIMES = (
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--kind", default="small", help="shape of the policy, reference and reward")
+    p.add_argument("--kind", default="small", help="shape of the policy and the reference")
+    p.add_argument("--reward-kind", default="", help="shape of the reward model (default: --kind)")
     p.add_argument("--modes", default="none,chunk,batch")
     p.add_argument("--prompts-per-iteration", type=int, default=16)
     p.add_argument("--samples", type=int, default=2, help="responses per prompt")
@@ -133,11 +134,12 @@ def summarise(lines: list[dict]) -> dict:
 
 
 def run(a: argparse.Namespace) -> dict:
-    reward = build(a.kind, "reward", a.models_dir)
+    reward = build(a.reward_kind or a.kind, "reward", a.models_dir)
     reference = build(a.kind, "reference", a.models_dir)
     modes = a.modes.split(",")
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    workdir = a.out / f"trainer-{a.kind}-{stamp}"
+    label = f"{a.kind}-rm-{a.reward_kind}" if a.reward_kind else a.kind
+    workdir = a.out / f"trainer-{label}-{stamp}"
     workdir.mkdir(parents=True, exist_ok=True)
     args = ["--reward-model", str(reward), "--reference-model", str(reference)]
     env = {"OMP_NUM_THREADS": str(a.server_threads)}
@@ -166,5 +168,5 @@ def run(a: argparse.Namespace) -> dict:
         "medians": table,
         "machine": machine.describe(),
     }
-    (a.out / f"trainer-{a.kind}-{stamp}.json").write_text(json.dumps(out, indent=1))
+    (a.out / f"trainer-{label}-{stamp}.json").write_text(json.dumps(out, indent=1))
     return out
