@@ -50,19 +50,39 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default="server,inprocess,inprocess_tight,inprocess_b1,naive",
         help=f"comma-separated subset of {','.join(TARGETS)}",
     )
+    p.add_argument(
+        "--streams",
+        type=int,
+        default=1,
+        help="forwards at once, for every target (server --forward-streams, naive workers, "
+        "in-process threads)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="intra-op threads per forward for every target (0 = default; cores / streams)",
+    )
     p.add_argument("--server-arg", action="append", default=[], help="extra `serve` flag")
     p.add_argument("--models-dir", type=Path, default=DEFAULT_DIR)
     p.add_argument("--out", type=Path, default=Path("runs/bench"))
     p.add_argument("--seed", type=int, default=0)
 
 
-def _runner(model: str, backend: str, device: str = "cpu") -> Any:
+def _runner(model: str, backend: str, device: str = "cpu", threads: int = 0) -> Any:
     import torch
 
     if backend == "onnx":
         from reward_server.models.onnx_reward import OnnxRewardRunner
 
-        return OnnxRewardRunner("rm", model, device=device, max_input_tokens=0, head_combine="")
+        return OnnxRewardRunner(
+            "rm",
+            model,
+            device=device,
+            max_input_tokens=0,
+            head_combine="",
+            intra_op_threads=threads,
+        )
     from reward_server.models.loading import resolve_dtype
     from reward_server.models.reward import RewardRunner
 
@@ -85,7 +105,14 @@ def run(a: argparse.Namespace) -> dict:
     else:
         model = str(build(a.kind, "reward", a.models_dir))
     dist, shape = LengthDist.parse(a.lengths), RequestShape.parse(a.items)
-    runner = _runner(model, a.backend, a.device)
+    threads = a.threads or (
+        max(1, len(os.sched_getaffinity(0)) // a.streams) if a.streams > 1 else 0
+    )
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    runner = _runner(model, a.backend, a.device, threads)
     pairs, lengths = make_pairs(2000, dist, a.seed, runner.tokenizer)
     requests = build_requests(pairs, shape, 4000, a.seed, model="rm")
     serve_args = [
@@ -103,6 +130,10 @@ def run(a: argparse.Namespace) -> dict:
         a.backend,
         "--device",
         a.device,
+        "--forward-streams",
+        str(a.streams),
+        "--intra-op-threads",
+        str(threads),
         *a.server_arg,
     ]
     logs = a.out / "logs"
@@ -115,7 +146,9 @@ def run(a: argparse.Namespace) -> dict:
         if "fill" in targets:
             servers["fill"] = start_reward_server("fill", serve_args, logs, variant="fill")
         if "naive" in targets:
-            servers["naive"] = start_naive_server("naive", model, logs, backend=a.backend)
+            servers["naive"] = start_naive_server(
+                "naive", model, logs, backend=a.backend, workers=a.streams, threads=threads
+            )
         runner.forward(runner.warmup_items(a.max_batch_tokens, a.max_batch_items))
         overhead = (
             measure_overhead_tokens(runner, a.max_batch_tokens, a.max_batch_items)
@@ -167,6 +200,7 @@ def run(a: argparse.Namespace) -> dict:
                         max_items=cap,
                         order="tight" if target == "inprocess_tight" else "sorted",
                         overhead_tokens=overhead,
+                        streams=a.streams,
                     )
                     row.update(
                         items=r.items,

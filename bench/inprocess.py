@@ -131,11 +131,13 @@ def run_inprocess(
     max_items: int,
     order: str = "sorted",
     overhead_tokens: float | None = None,
+    streams: int = 1,
 ) -> InprocessResult:
     """Tokenise and score `pairs` with `runner` (a RewardRunner or OnnxRewardRunner).
 
     order: "sorted" (fill the budget in length order), "arrival", or "tight" (sorted, with the
-    server's cost-aware rule for `overhead_tokens`)."""
+    server's cost-aware rule for `overhead_tokens`). `streams` forwards run at once (threads),
+    as the server's --forward-streams."""
     t0 = time.perf_counter()
     encoded = runner.encode([ScoreInput(p, c) for p, c in pairs], "right")
     t1 = time.perf_counter()
@@ -145,10 +147,15 @@ def run_inprocess(
     else:
         plan = sorted_batches if order == "sorted" else arrival_batches
         batches = plan(lengths, max_tokens, max_items)
-    padded = 0
-    for b in batches:
-        runner.forward([encoded[i] for i in b])
-        padded += len(b) * max(lengths[i] for i in b)
+    padded = sum(len(b) * max(lengths[i] for i in b) for b in batches)
+    if streams > 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(streams) as pool:
+            list(pool.map(lambda b: runner.forward([encoded[i] for i in b]), batches))
+    else:
+        for b in batches:
+            runner.forward([encoded[i] for i in b])
     t2 = time.perf_counter()
     return InprocessResult(len(pairs), sum(lengths), padded, len(batches), t2 - t0, t1 - t0)
 

@@ -33,10 +33,10 @@ log = logging.getLogger("bench.naive_server")
 class NaiveServicer(pb_grpc.RewardServiceServicer):
     """Score: tokenise, one padded forward of this request's items, answer."""
 
-    def __init__(self, runner, metrics: ServerMetrics) -> None:
+    def __init__(self, runner, metrics: ServerMetrics, workers: int = 1) -> None:
         self.runner = runner
         self.metrics = metrics
-        self.worker = ThreadPoolExecutor(1, thread_name_prefix="forward")
+        self.worker = ThreadPoolExecutor(workers, thread_name_prefix="forward")
 
     def _score(self, request: pb.ScoreRequest) -> pb.ScoreResponse:
         items = [ScoreInput(it.prompt, it.completion) for it in request.items]
@@ -58,14 +58,32 @@ class NaiveServicer(pb_grpc.RewardServiceServicer):
         return await loop.run_in_executor(self.worker, self._score, request)
 
 
-async def serve(model: str, host: str, port: int, backend: str, metrics_port: int) -> None:
-    """Load, report SERVING, serve until cancelled."""
+async def serve(
+    model: str,
+    host: str,
+    port: int,
+    backend: str,
+    metrics_port: int,
+    workers: int = 1,
+    threads: int = 0,
+) -> None:
+    """Load, report SERVING, serve until cancelled. `workers` forwards run at once (one request
+    each), with `threads` intra-op threads (0 = default)."""
     import torch
 
+    if threads:
+        torch.set_num_threads(threads)
     if backend == "onnx":
         from reward_server.models.onnx_reward import OnnxRewardRunner
 
-        runner = OnnxRewardRunner("naive", model, device="cpu", max_input_tokens=0, head_combine="")
+        runner = OnnxRewardRunner(
+            "naive",
+            model,
+            device="cpu",
+            max_input_tokens=0,
+            head_combine="",
+            intra_op_threads=threads,
+        )
     else:
         from reward_server.models.reward import RewardRunner
 
@@ -80,7 +98,7 @@ async def serve(model: str, host: str, port: int, backend: str, metrics_port: in
     metrics = ServerMetrics()
     if metrics_port:
         metrics.serve_http(metrics_port, host)
-    pb_grpc.add_RewardServiceServicer_to_server(NaiveServicer(runner, metrics), server)
+    pb_grpc.add_RewardServiceServicer_to_server(NaiveServicer(runner, metrics, workers), server)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     server.add_insecure_port(f"{host}:{port}")
@@ -97,9 +115,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--backend", default="torch", choices=["torch", "onnx"])
     p.add_argument("--metrics-port", type=int, default=0, help="Prometheus port (0 = off)")
+    p.add_argument("--workers", type=int, default=1, help="forwards at once (one request each)")
+    p.add_argument("--threads", type=int, default=0, help="intra-op threads (0 = default)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
-    asyncio.run(serve(a.model, a.host, a.port, a.backend, a.metrics_port))
+    asyncio.run(serve(a.model, a.host, a.port, a.backend, a.metrics_port, a.workers, a.threads))
 
 
 if __name__ == "__main__":

@@ -141,12 +141,20 @@ def start_reward_server(
 
 
 def start_naive_server(
-    label: str, model: str, log_dir: Path, *, backend: str = "torch", env: dict | None = None
+    label: str,
+    model: str,
+    log_dir: Path,
+    *,
+    backend: str = "torch",
+    env: dict | None = None,
+    workers: int = 1,
+    threads: int = 0,
 ) -> BenchServer:
     """The naive one-forward-per-request baseline (bench/naive_server.py)."""
     port, mport = free_port(), free_port()
     cmd = [sys.executable, "-m", "bench.naive_server", "--model", model, "--port", str(port)]
     cmd += ["--backend", backend, "--metrics-port", str(mport)]
+    cmd += ["--workers", str(workers), "--threads", str(threads)]
     sp = _launch(label, cmd, port, mport, log_dir, env or {})
     _wait_serving(sp, 300.0)
     return sp

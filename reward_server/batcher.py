@@ -7,8 +7,9 @@ starves), each step taking the neighbour that keeps padding efficiency (real / p
 highest. It waits at most ``max_wait_ms`` after the oldest arrival for a fuller batch (not at
 all when nearly every recent request found the model idle: one sequential client). The queue is
 bounded (ResourceExhausted when full). Items whose client has gone or whose deadline passed are
-dropped before the forward. The forward runs in an executor (one worker thread per device) so the
-event loop keeps accepting.
+dropped before the forward. The forward runs in an executor (one worker thread per device, or
+``max_inflight`` of them: forward streams) so the event loop keeps accepting; with several streams
+the batcher forms the next batch while the others run.
 """
 
 from __future__ import annotations
@@ -134,6 +135,7 @@ class DynamicBatcher:
         max_queue_items: int,
         observer: BatchObserver | None = None,
         skip_wait_when_idle: bool = True,
+        max_inflight: int = 1,
     ) -> None:
         self.name = name
         self._run_batch = run_batch
@@ -143,12 +145,14 @@ class DynamicBatcher:
         self.max_wait = max_wait_ms / 1000.0
         self.max_queue_items = max_queue_items
         self.skip_wait_when_idle = skip_wait_when_idle
+        self.max_inflight = max(1, max_inflight)
         self._obs: BatchObserver = observer or _NullObserver()
         self._queue: list[_Pending] = []
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._closed = False
-        self._busy = False
+        self._inflight = 0  # batches being forwarded now
+        self._tasks: set[asyncio.Task] = set()
         self._seq = 0
         self._lone_share = 0.0  # EWMA: share of requests that found nothing queued or running
         self._arrivals = 0
@@ -171,19 +175,21 @@ class DynamicBatcher:
     async def wait_idle(self, timeout: float) -> bool:
         """Wait until nothing is queued or running; False on timeout."""
         end = time.monotonic() + timeout
-        while self._queue or self._busy:
+        while self._queue or self._inflight:
             if time.monotonic() >= end:
                 return False
             await asyncio.sleep(0.01)
         return True
 
     async def stop(self) -> None:
-        """Cancel the scheduling task."""
+        """Cancel the scheduling task (batches already in a forward are awaited)."""
         if self._task:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
 
     @property
     def depth(self) -> int:
@@ -209,7 +215,7 @@ class DynamicBatcher:
             )
         loop = asyncio.get_running_loop()
         now = time.monotonic()
-        lone = 0.0 if (self._queue or self._busy) else 1.0
+        lone = 0.0 if (self._queue or self._inflight) else 1.0
         self._lone_share = lone if self._arrivals == 0 else 0.8 * self._lone_share + 0.2 * lone
         self._arrivals += 1
         futures = []
@@ -272,7 +278,7 @@ class DynamicBatcher:
             self._wakeup.clear()
             while True:
                 self._drop_dead()
-                if not self._queue:
+                if not self._queue or self._inflight >= self.max_inflight:
                     break
                 window = self._window()
                 full = len(window) < len(self._queue) or len(window) >= self.max_batch_items
@@ -285,7 +291,7 @@ class DynamicBatcher:
                     except asyncio.TimeoutError:
                         pass
                     continue
-                await self._dispatch(window)
+                self._start(window)
             self._obs.on_queue_depth(self.name, len(self._queue))
 
     def _company_likely(self) -> bool:
@@ -297,18 +303,31 @@ class DynamicBatcher:
             return True
         return self._arrivals < 3 or self._lone_share < 0.9
 
-    async def _dispatch(self, window: list[int]) -> None:
+    def _start(self, window: list[int]) -> None:
+        """Take the window's items off the queue and forward them in a task of their own; the
+        loop is woken when it ends (a stream is free again)."""
         chosen = set(window)
         batch = [self._queue[i] for i in sorted(window, key=lambda i: self._queue[i].seq)]
         self._queue = [p for i, p in enumerate(self._queue) if i not in chosen]
         self._obs.on_queue_depth(self.name, len(self._queue))
+        self._inflight += 1
+        task = asyncio.get_running_loop().create_task(self._dispatch(batch))
+        self._tasks.add(task)
+
+        def done(t: asyncio.Task) -> None:
+            self._tasks.discard(t)
+            self._inflight -= 1
+            self._wakeup.set()
+
+        task.add_done_callback(done)
+
+    async def _dispatch(self, batch: list[_Pending]) -> None:
         start = time.monotonic()
         for p in batch:
             self._obs.on_queue_time(self.name, start - p.enqueued)
         payloads = [p.payload for p in batch]
         real = sum(p.length for p in batch)
         padded = max(p.length for p in batch) * len(batch)
-        self._busy = True
         try:
             results = await asyncio.get_running_loop().run_in_executor(
                 self._executor, self._run_batch, payloads
@@ -322,8 +341,6 @@ class DynamicBatcher:
             )
             self._fail(batch, exc)
             return
-        finally:
-            self._busy = False
         seconds = time.monotonic() - start
         self.forwards += 1
         self.items_forwarded += len(batch)

@@ -79,6 +79,14 @@ def add_serve_parser(sub: Any) -> None:
         "no max-wait while nearly every recent request found the model idle (default on)",
     )
     p.add_argument(
+        "--forward-streams", type=int, help="forwards run at once per device (default 1)"
+    )
+    p.add_argument(
+        "--intra-op-threads",
+        type=int,
+        help="torch/onnxruntime threads per forward (0 = default: cores / streams on CPU)",
+    )
+    p.add_argument(
         "--batch-overhead-tokens",
         type=float,
         help="a forward's fixed cost in tokens (-1 = measured at warm-up; 1e9 = fill the budget)",

@@ -70,6 +70,14 @@ class ServerConfig:
     skip_wait_when_idle: bool = True
     """Dispatch at once, without max_wait_ms, while nearly every recent request found the model
     idle and its queue empty (one client waiting for each answer: waiting brings no company)."""
+    forward_streams: int = 1
+    """Forwards run at once per device, each on its own worker thread (like Triton's model
+    instances). On a CPU, small models gain from 2 streams of 1 intra-op thread each over one
+    stream of 2 threads (docs/BENCHMARKS.md); a lone request then gets fewer threads. On a GPU
+    keep 1: one stream already fills the device, and each stream holds its own activations."""
+    intra_op_threads: int = 0
+    """torch (and onnxruntime) intra-op threads per forward; 0 = the default, and with several
+    forward streams on a CPU, the usable cores divided among the streams."""
     batch_overhead_tokens: float = -1.0
     """A forward's fixed cost in tokens' worth, which decides how much padding a batch may take on
     to add an item (docs/API.md, batching). -1 = measured at warm-up (infinite without warm-up);
@@ -234,6 +242,8 @@ class ServerConfig:
             "batch_overhead_tokens must be >= 0, or -1 (measured at warm-up)",
         )
         need(self.inline_tokenize_chars >= 0, "inline_tokenize_chars must be >= 0")
+        need(self.forward_streams >= 1, "forward_streams must be >= 1")
+        need(self.intra_op_threads >= 0, "intra_op_threads must be >= 0 (0 = default)")
         need(self.tokenizer_threads >= 1, "tokenizer_threads must be >= 1")
         need(self.grace_seconds >= 0, "grace_seconds must be >= 0")
         need(self.max_message_mb >= 1, "max_message_mb must be >= 1")

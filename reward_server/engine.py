@@ -98,6 +98,7 @@ class Engine:
         self.batchers: dict[str, DynamicBatcher] = {}
         self.device = "cpu"
         self.max_batch_tokens = 0
+        self.intra_op_threads = 0
         self._workers: dict[str, ThreadPoolExecutor] = {}
         self._tokenizer_pool = ThreadPoolExecutor(
             config.tokenizer_threads, thread_name_prefix="tokenize"
@@ -112,6 +113,7 @@ class Engine:
         cfg = self.config
         self.device = resolve_device(cfg.device)
         dtype = resolve_dtype(cfg.dtype, self.device)
+        self.intra_op_threads = self._set_threads()
         self.max_batch_tokens = cfg.resolved_max_batch_tokens(self.device)
         for name, source in cfg.reward_models.items():
             t0 = time.monotonic()
@@ -124,6 +126,7 @@ class Engine:
                     device=self.device,
                     max_input_tokens=cfg.max_input_tokens,
                     head_combine=cfg.head_combine.get(name, ""),
+                    intra_op_threads=self.intra_op_threads,
                 )
             else:
                 self.rewards[name] = RewardRunner(
@@ -156,10 +159,33 @@ class Engine:
         for name, spec in cfg.combinations.items():
             self.combinations[name] = parse_combiner(spec, list(self.rewards))
 
+    def _set_threads(self) -> int:
+        """Intra-op threads per forward: the configured number, else (several streams on a CPU)
+        the usable cores shared among the streams, else torch's default (0 = left alone)."""
+        import torch
+
+        cfg = self.config
+        n = cfg.intra_op_threads
+        if not n and cfg.forward_streams > 1 and self.device == "cpu":
+            n = max(1, len(os.sched_getaffinity(0)) // cfg.forward_streams)
+        if n:
+            torch.set_num_threads(n)
+        log.info(
+            "%d forward stream(s) on %s, %d intra-op thread(s) each",
+            cfg.forward_streams,
+            self.device,
+            torch.get_num_threads(),
+        )
+        return n
+
     def start(self) -> None:
-        """Create one batcher per model and one worker thread per device (on the running loop)."""
+        """Create one batcher per model and `forward_streams` worker threads per device (on the
+        running loop)."""
         worker = self._workers.setdefault(
-            self.device, ThreadPoolExecutor(1, thread_name_prefix=f"forward-{self.device}")
+            self.device,
+            ThreadPoolExecutor(
+                self.config.forward_streams, thread_name_prefix=f"forward-{self.device}"
+            ),
         )
         cfg = self.config
         for name, runner in [*self.rewards.items(), *self.references.items()]:
@@ -171,6 +197,7 @@ class Engine:
                 max_batch_items=cfg.max_batch_items,
                 max_wait_ms=cfg.max_wait_ms,
                 skip_wait_when_idle=cfg.skip_wait_when_idle,
+                max_inflight=cfg.forward_streams,
                 max_queue_items=cfg.max_queue_items,
                 observer=self.observer,
             )
@@ -203,11 +230,17 @@ class Engine:
         worker = self._workers[self.device]
         small = runner.warmup_items(64, 1)
 
+        streams = self.config.forward_streams
+
         async def best_of(items: list[Any], n: int) -> float:
+            # with several streams, time them running at once: each forward then pays for the
+            # cores and the interpreter lock it shares, as it will under load
             best = math.inf
             for _ in range(n):
                 t = time.perf_counter()
-                await loop.run_in_executor(worker, runner.forward, items)
+                await asyncio.gather(
+                    *(loop.run_in_executor(worker, runner.forward, items) for _ in range(streams))
+                )
                 best = min(best, time.perf_counter() - t)
             return best
 

@@ -41,13 +41,14 @@ def providers_for(device: str) -> list[Any]:
     return ["CPUExecutionProvider"]
 
 
-def session_options() -> Any:
+def session_options(intra_op_threads: int = 0) -> Any:
     """Full graph optimisation; intra-op threads do not spin while waiting (as OMP_WAIT_POLICY
     PASSIVE for torch, see reward_server/engine.py): the server's event loop and tokenizer
-    threads share the cores."""
+    threads share the cores. ``intra_op_threads`` 0 = onnxruntime's default (one per core)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
+    so.intra_op_num_threads = max(0, intra_op_threads)
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     spin = "0" if os.environ.get("OMP_WAIT_POLICY", "PASSIVE").upper() == "PASSIVE" else "1"
     so.add_session_config_entry("session.intra_op.allow_spinning", spin)
@@ -67,6 +68,7 @@ class OnnxRewardRunner(RewardRunnerBase):
         device: str,
         max_input_tokens: int = 0,
         head_combine: str = "",
+        intra_op_threads: int = 0,
     ) -> None:
         import onnxruntime as ort
 
@@ -94,7 +96,9 @@ class OnnxRewardRunner(RewardRunnerBase):
         )
         try:
             self.session = ort.InferenceSession(
-                str(model_file), sess_options=session_options(), providers=providers_for(device)
+                str(model_file),
+                sess_options=session_options(intra_op_threads),
+                providers=providers_for(device),
             )
         except ModelLoadError:
             raise

@@ -92,3 +92,23 @@ def test_bad_batching_settings_fail_with_a_clear_message(tiny_ckpts, tmp_path):
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
         assert out.returncode != 0
         assert message in out.stderr and "Traceback" not in out.stderr, out.stderr
+
+
+def test_two_forward_streams_answer_like_one(tiny_ckpts, tmp_path):
+    """--forward-streams 2 --intra-op-threads 1 reach the engine, and every item gets the same
+    score as with one stream (that at most N forwards run at once: tests/unit/test_batcher.py)."""
+    args = ["--reward-model", str(tiny_ckpts.reward), "--max-wait-ms", "2"]
+    one = start_server(args, tmp_path, metrics=True)
+    two = start_server(
+        [*args, "--forward-streams", "2", "--intra-op-threads", "1"], tmp_path, metrics=True
+    )
+    try:
+        s_one = burst(one.address, 16)
+        s_two = burst(two.address, 16)
+        m = scrape(two.metrics_port)
+    finally:
+        one.stop()
+        two.stop()
+    np.testing.assert_allclose(s_two, s_one, atol=1e-5)
+    assert "2 forward stream(s) on cpu, 1 intra-op thread(s) each" in two.log()
+    assert m['reward_server_batch_size_sum{model="reward"}'] == 16  # every item forwarded once

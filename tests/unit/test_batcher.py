@@ -177,3 +177,40 @@ def test_model_error_fails_only_that_batch_and_close_refuses_new_work():
         await b.stop()
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("streams", [1, 2, 3])
+def test_forward_streams_bound_the_forwards_running_at_once(streams):
+    """With N streams the batcher keeps up to N batches in the model at once, never more, and
+    every item still gets its own result."""
+    lock, running, peak = threading.Lock(), [0], [0]
+
+    def run_batch(payloads):
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        time.sleep(0.05)
+        with lock:
+            running[0] -= 1
+        return [p * 10 for p in payloads]
+
+    async def main() -> list[list[int]]:
+        b = DynamicBatcher(
+            "m",
+            run_batch,
+            ThreadPoolExecutor(streams),
+            max_batch_tokens=1000,
+            max_batch_items=2,  # 12 one-item requests: at least 6 batches
+            max_wait_ms=0,
+            max_queue_items=64,
+            max_inflight=streams,
+        )
+        b.start()
+        outs = await asyncio.gather(*(b.submit([i], [5]) for i in range(12)))
+        await b.stop()
+        assert b._inflight == 0
+        return [o.results for o in outs]
+
+    results = asyncio.run(main())
+    assert results == [[i * 10] for i in range(12)]
+    assert peak[0] == streams
