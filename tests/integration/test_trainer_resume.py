@@ -84,6 +84,9 @@ def test_resume_matches_uninterrupted_run(server, tiny_ckpts, tmp_path: Path) ->
     assert full[3]["beta"] != full[0]["beta"]
     assert full[3]["lr"] < full[0]["lr"]
     assert full[2]["sample_completion"] == split[2]["sample_completion"]
+    # a retry of a finished run changes nothing and succeeds
+    assert main(cmd) == 0
+    assert read_metrics(split_dir / "metrics.jsonl") == split
 
 
 def test_resume_without_checkpoint_is_a_clear_error(tiny_ckpts, tmp_path: Path, capsys) -> None:
