@@ -173,6 +173,38 @@ def ref_request(
     )
 
 
+def ref_requests(
+    token_ids: Sequence[Sequence[int]],
+    response_starts: Sequence[int],
+    temperature: float,
+    model: str,
+    fingerprint: str | None,
+    size: int,
+) -> list[pb.ReferenceLogProbsRequest]:
+    """ReferenceLogProbsRequests of at most `size` sequences each."""
+    if len(token_ids) != len(response_starts):
+        raise ValueError(f"{len(token_ids)} sequences but {len(response_starts)} response_starts")
+    return [
+        ref_request(token_ids[a:b], response_starts[a:b], temperature, model, fingerprint)
+        for a, b in chunks(len(token_ids), size)
+    ]
+
+
+def score_requests(
+    items: list[pb.ScoreItem], model: str, truncation: str, size: int
+) -> list[pb.ScoreRequest]:
+    """ScoreRequests of at most `size` items each."""
+    return [
+        pb.ScoreRequest(model=model, items=items[a:b], truncation=_TRUNC[truncation])
+        for a, b in chunks(len(items), size)
+    ]
+
+
+def parse_logprobs(responses: Iterable[pb.ReferenceLogProbsResponse]) -> list[np.ndarray]:
+    """Each sequence's log-probs (float32), in order, from the responses of `ref_requests`."""
+    return [np.asarray(r.logprobs, dtype=np.float32) for resp in responses for r in resp.results]
+
+
 class _Policy:
     """Retry/backoff bookkeeping shared by both clients."""
 
@@ -231,9 +263,12 @@ class _Policy:
         return delay, nxt
 
 
-# ---------------------------------------------------------------------------- blocking client
-class RewardClient:
-    """Blocking client. Thread-safe; reuse one per process."""
+# ---------------------------------------------------------------------------- shared setup
+class _ClientBase:
+    """Channels, stubs and the retry policy; the blocking and asyncio clients differ only in how
+    they call."""
+
+    _channel_module: Any = grpc  # grpc (blocking) or grpc.aio
 
     def __init__(
         self,
@@ -253,8 +288,9 @@ class RewardClient:
         self._policy = _Policy(targets, timeout, max_retries, backoff_base, backoff_max, token)
         creds = credentials(tls_ca, tls_cert, tls_key)
         opts = channel_options(max_message_mb)
+        mod = self._channel_module
         self._channels = [
-            grpc.secure_channel(t, creds, opts) if creds else grpc.insecure_channel(t, opts)
+            mod.secure_channel(t, creds, opts) if creds else mod.insecure_channel(t, opts)
             for t in targets
         ]
         self._stubs = [pb_grpc.RewardServiceStub(c) for c in self._channels]
@@ -264,6 +300,11 @@ class RewardClient:
     def targets(self) -> list[str]:
         """The addresses this client balances over."""
         return list(self._policy.targets)
+
+
+# ---------------------------------------------------------------------------- blocking client
+class RewardClient(_ClientBase):
+    """Blocking client. Thread-safe; reuse one per process."""
 
     def __enter__(self) -> RewardClient:
         return self
@@ -355,10 +396,7 @@ class RewardClient:
     ) -> list[ScoreResult]:
         if not items:
             return []
-        reqs = [
-            pb.ScoreRequest(model=model, items=items[a:b], truncation=_TRUNC[truncation])
-            for a, b in chunks(len(items), self._max_items())
-        ]
+        reqs = score_requests(items, model, truncation, self._max_items())
         return [r for resp in self._chunked("Score", reqs, timeout) for r in parse_scores(resp)]
 
     def reference_logprobs(
@@ -374,18 +412,15 @@ class RewardClient:
         """Per-token reference log-probs of positions response_start..len-1 (float32 arrays)."""
         if not token_ids:
             return []
-        size = self._max_items()
-        reqs = [
-            ref_request(
-                token_ids[a:b], response_starts[a:b], temperature, model, tokenizer_fingerprint
-            )
-            for a, b in chunks(len(token_ids), size)
-        ]
-        return [
-            np.asarray(r.logprobs, dtype=np.float32)
-            for resp in self._chunked("ReferenceLogProbs", reqs, timeout)
-            for r in resp.results
-        ]
+        reqs = ref_requests(
+            token_ids,
+            response_starts,
+            temperature,
+            model,
+            tokenizer_fingerprint,
+            self._max_items(),
+        )
+        return parse_logprobs(self._chunked("ReferenceLogProbs", reqs, timeout))
 
     def server_info(self, timeout: float | None = None) -> pb.GetServerInfoResponse:
         """Models, roles, limits, fingerprints."""
@@ -432,33 +467,10 @@ class RewardClient:
 
 
 # ---------------------------------------------------------------------------- asyncio client
-class AsyncRewardClient:
+class AsyncRewardClient(_ClientBase):
     """asyncio client with the same methods as `RewardClient` (all `async`)."""
 
-    def __init__(
-        self,
-        address: str,
-        *,
-        timeout: float = 30.0,
-        max_retries: int = 5,
-        backoff_base: float = 0.05,
-        backoff_max: float = 2.0,
-        tls_ca: str | None = None,
-        tls_cert: str | None = None,
-        tls_key: str | None = None,
-        token: str | None = None,
-        max_message_mb: int = 64,
-    ) -> None:
-        targets = split_targets(address)
-        self._policy = _Policy(targets, timeout, max_retries, backoff_base, backoff_max, token)
-        creds = credentials(tls_ca, tls_cert, tls_key)
-        opts = channel_options(max_message_mb)
-        self._channels = [
-            grpc.aio.secure_channel(t, creds, opts) if creds else grpc.aio.insecure_channel(t, opts)
-            for t in targets
-        ]
-        self._stubs = [pb_grpc.RewardServiceStub(c) for c in self._channels]
-        self._health = [health_pb2_grpc.HealthStub(c) for c in self._channels]
+    _channel_module = grpc.aio
 
     async def __aenter__(self) -> AsyncRewardClient:
         return self
@@ -531,11 +543,7 @@ class AsyncRewardClient:
     ) -> list[ScoreResult]:
         if not items:
             return []
-        size = await self._max_items()
-        reqs = [
-            pb.ScoreRequest(model=model, items=items[a:b], truncation=_TRUNC[truncation])
-            for a, b in chunks(len(items), size)
-        ]
+        reqs = score_requests(items, model, truncation, await self._max_items())
         return [
             r for resp in await self._chunked("Score", reqs, timeout) for r in parse_scores(resp)
         ]
@@ -553,15 +561,15 @@ class AsyncRewardClient:
         """Per-token reference log-probs of positions response_start..len-1 (float32 arrays)."""
         if not token_ids:
             return []
-        size = await self._max_items()
-        reqs = [
-            ref_request(
-                token_ids[a:b], response_starts[a:b], temperature, model, tokenizer_fingerprint
-            )
-            for a, b in chunks(len(token_ids), size)
-        ]
-        resps = await self._chunked("ReferenceLogProbs", reqs, timeout)
-        return [np.asarray(r.logprobs, dtype=np.float32) for resp in resps for r in resp.results]
+        reqs = ref_requests(
+            token_ids,
+            response_starts,
+            temperature,
+            model,
+            tokenizer_fingerprint,
+            await self._max_items(),
+        )
+        return parse_logprobs(await self._chunked("ReferenceLogProbs", reqs, timeout))
 
     async def server_info(self, timeout: float | None = None) -> pb.GetServerInfoResponse:
         """Models, roles, limits, fingerprints."""

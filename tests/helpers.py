@@ -70,3 +70,26 @@ def deploy_checks(module: str):
         sys.modules["deploy_checks"] = package
         spec.loader.exec_module(package)
     return importlib.import_module(f"deploy_checks.{module}")
+
+
+SCORE_WORDS = "the cat dog bird fish tree river good bad big small helpful answer safe sun".split()
+
+
+def fixed_pairs(n: int, seed: int, max_words: int = 40) -> list[tuple[str, str]]:
+    """n seeded (prompt, completion) pairs of 1-8 and 2-max_words words: a fixed scoring set."""
+    import random
+
+    rng = random.Random(seed)
+    return [
+        (
+            " ".join(rng.choice(SCORE_WORDS) for _ in range(rng.randint(1, 8))),
+            " " + " ".join(rng.choice(SCORE_WORDS) for _ in range(rng.randint(2, max_words))),
+        )
+        for _ in range(n)
+    ]
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman rank correlation (continuous scores, no ties)."""
+    ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
+    return float(np.corrcoef(ra, rb)[0, 1])

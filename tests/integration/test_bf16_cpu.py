@@ -5,34 +5,19 @@ GPU flags on a machine without one: a clear message, no traceback."""
 
 from __future__ import annotations
 
-import random
-
 import numpy as np
 import pytest
 import torch
 
 from reward_server.client import RewardClient
 from tests.conftest import start_server
-from tests.helpers import inprocess_logprobs, inprocess_scores
+from tests.helpers import fixed_pairs, inprocess_logprobs, inprocess_scores, spearman
 
 pytestmark = pytest.mark.integration
-WORDS = "the cat dog bird fish tree river good bad big small helpful answer safe sun".split()
-
-
-def spearman(a: np.ndarray, b: np.ndarray) -> float:
-    ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
-    return float(np.corrcoef(ra, rb)[0, 1])
 
 
 def test_bfloat16_on_cpu_ranks_like_float32(tiny_ckpts, tmp_path):
-    rng = random.Random(11)
-    pairs = [
-        (
-            " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 8))),
-            " " + " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 40))),
-        )
-        for _ in range(48)
-    ]
+    pairs = fixed_pairs(48, seed=11)
     expected = inprocess_scores(str(tiny_ckpts.reward), [p + c for p, c in pairs])[:, 0]
     sp = start_server(
         [

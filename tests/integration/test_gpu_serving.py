@@ -3,38 +3,19 @@ attention, and bitsandbytes 8-bit/4-bit reward models ranking like bf16 with les
 
 from __future__ import annotations
 
-import random
-
 import numpy as np
 import pytest
 import torch
 
 from reward_server.client import RewardClient
 from tests.conftest import start_server
-from tests.helpers import inprocess_scores
+from tests.helpers import fixed_pairs, inprocess_scores, spearman
 
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.integration,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
 ]
-WORDS = "the cat dog bird fish tree river good bad big small helpful answer safe sun".split()
-
-
-def fixed_pairs(n: int = 64) -> list[tuple[str, str]]:
-    rng = random.Random(11)
-    return [
-        (
-            " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 8))),
-            " " + " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 60))),
-        )
-        for _ in range(n)
-    ]
-
-
-def spearman(a: np.ndarray, b: np.ndarray) -> float:
-    ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
-    return float(np.corrcoef(ra, rb)[0, 1])
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +30,7 @@ def wide_ckpts(tmp_path_factory):
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_half_precision_server_ranks_like_float32(wide_ckpts, tmp_path, dtype):
-    pairs = fixed_pairs()
+    pairs = fixed_pairs(64, seed=11, max_words=60)
     expected = inprocess_scores(str(wide_ckpts.reward), [p + c for p, c in pairs])[:, 0]
     sp = start_server(
         ["--device", "cuda", "--dtype", dtype, "--reward-model", str(wide_ckpts.reward)], tmp_path
@@ -76,7 +57,7 @@ def test_reward_runner_uses_sdpa_attention_on_cuda(wide_ckpts):
 def test_quantized_ranks_like_bf16_with_less_memory(wide_ckpts, bits):
     from reward_server.models.reward import RewardRunner, ScoreInput
 
-    items = [ScoreInput(p, c) for p, c in fixed_pairs()]
+    items = [ScoreInput(p, c) for p, c in fixed_pairs(64, seed=11, max_words=60)]
 
     def scores(quant: str) -> tuple[np.ndarray, int]:
         r = RewardRunner(

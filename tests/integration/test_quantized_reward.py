@@ -4,39 +4,20 @@ real server, their scores rank a fixed set of items as the float32 model does (S
 
 from __future__ import annotations
 
-import random
-
 import numpy as np
 import pytest
 
 from reward_server.client import RewardClient
 from tests.conftest import start_server
-from tests.helpers import inprocess_scores
+from tests.helpers import fixed_pairs, inprocess_scores, spearman
 
 pytestmark = pytest.mark.integration
 pytest.importorskip("bitsandbytes")
-WORDS = "the cat dog bird fish tree river good bad big small helpful answer safe sun".split()
-
-
-def fixed_pairs(n: int = 48) -> list[tuple[str, str]]:
-    rng = random.Random(7)
-    return [
-        (
-            " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 8))),
-            " " + " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 40))),
-        )
-        for _ in range(n)
-    ]
-
-
-def spearman(a: np.ndarray, b: np.ndarray) -> float:
-    ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
-    return float(np.corrcoef(ra, rb)[0, 1])
 
 
 @pytest.mark.parametrize("bits", ["8bit", "4bit"])
 def test_quantized_scores_rank_like_float32(tiny_ckpts, tmp_path, bits):
-    pairs = fixed_pairs()
+    pairs = fixed_pairs(48, seed=7)
     expected = inprocess_scores(str(tiny_ckpts.reward), [p + c for p, c in pairs])[:, 0]
     sp = start_server(["--reward-model", str(tiny_ckpts.reward), "--quantization", bits], tmp_path)
     try:
