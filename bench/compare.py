@@ -27,6 +27,7 @@ from bench.loadgen import build_requests, load
 from bench.models import DEFAULT_DIR, build
 from bench.servers import metric_delta, start_naive_server, start_reward_server
 from bench.workload import LengthDist, RequestShape, make_pairs
+from reward_server.engine import default_intra_op_threads
 
 TARGETS = ("server", "inprocess", "inprocess_tight", "inprocess_b1", "naive", "arrival", "fill")
 
@@ -105,9 +106,7 @@ def run(a: argparse.Namespace) -> dict:
     else:
         model = str(build(a.kind, "reward", a.models_dir))
     dist, shape = LengthDist.parse(a.lengths), RequestShape.parse(a.items)
-    threads = a.threads or (
-        max(1, len(os.sched_getaffinity(0)) // a.streams) if a.streams > 1 else 0
-    )
+    threads = default_intra_op_threads(a.threads, a.streams, a.device)
     if threads:
         import torch
 

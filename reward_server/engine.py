@@ -36,6 +36,14 @@ log = logging.getLogger(__name__)
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
+def default_intra_op_threads(configured: int, streams: int, device: str) -> int:
+    """Intra-op threads per forward: the configured number, else (several streams on a CPU) the
+    usable cores shared among the streams, else 0 (torch's own default is left alone)."""
+    if configured or streams <= 1 or device != "cpu":
+        return configured
+    return max(1, len(os.sched_getaffinity(0)) // streams)
+
+
 @dataclass
 class ItemResult:
     """One scored item (internal form of `ItemScore`)."""
@@ -160,14 +168,11 @@ class Engine:
             self.combinations[name] = parse_combiner(spec, list(self.rewards))
 
     def _set_threads(self) -> int:
-        """Intra-op threads per forward: the configured number, else (several streams on a CPU)
-        the usable cores shared among the streams, else torch's default (0 = left alone)."""
+        """Apply `default_intra_op_threads` to torch; returns it (0 = torch's default)."""
         import torch
 
         cfg = self.config
-        n = cfg.intra_op_threads
-        if not n and cfg.forward_streams > 1 and self.device == "cpu":
-            n = max(1, len(os.sched_getaffinity(0)) // cfg.forward_streams)
+        n = default_intra_op_threads(cfg.intra_op_threads, cfg.forward_streams, self.device)
         if n:
             torch.set_num_threads(n)
         log.info(
