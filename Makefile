@@ -3,8 +3,9 @@ PY ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-# The CPU extra by default; `make install EXTRA=gpu` on a CUDA machine (never both: onnxruntime
-# and onnxruntime-gpu overwrite each other's files).
+# Everything (server, trainer, ONNX Runtime) for CPU by default; `make install EXTRA=gpu` on a CUDA
+# machine (never both: onnxruntime and onnxruntime-gpu overwrite each other's files). The client
+# alone needs no extra: `pip install .` (see pyproject.toml).
 EXTRA ?= cpu
 TORCH_VERSION := 2.13.0
 PROTO_SRC := proto/rlhf/v1/reward_service.proto

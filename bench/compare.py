@@ -27,7 +27,7 @@ from bench.loadgen import build_requests, load
 from bench.models import DEFAULT_DIR, build
 from bench.servers import metric_delta, start_naive_server, start_reward_server
 from bench.workload import LengthDist, RequestShape, make_pairs
-from reward_server.engine import default_intra_op_threads
+from reward_server.calibration import apply_intra_op_threads
 
 TARGETS = ("server", "inprocess", "inprocess_tight", "inprocess_b1", "naive", "arrival", "fill")
 
@@ -84,7 +84,7 @@ def _runner(model: str, backend: str, device: str = "cpu", threads: int = 0) -> 
             head_combine="",
             intra_op_threads=threads,
         )
-    from reward_server.models.loading import resolve_dtype
+    from reward_server.devices import resolve_dtype
     from reward_server.models.reward import RewardRunner
 
     dtype = torch.float32 if device == "cpu" else resolve_dtype("auto", device)
@@ -106,11 +106,7 @@ def run(a: argparse.Namespace) -> dict:
     else:
         model = str(build(a.kind, "reward", a.models_dir))
     dist, shape = LengthDist.parse(a.lengths), RequestShape.parse(a.items)
-    threads = default_intra_op_threads(a.threads, a.streams, a.device)
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
+    threads = apply_intra_op_threads(a.threads, a.streams, a.device)
     runner = _runner(model, a.backend, a.device, threads)
     pairs, lengths = make_pairs(2000, dist, a.seed, runner.tokenizer)
     requests = build_requests(pairs, shape, 4000, a.seed, model="rm")

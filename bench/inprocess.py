@@ -8,11 +8,13 @@ fraction of it.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from reward_server.calibration import overhead_from_timings, padded_tokens
 from reward_server.models.reward import ScoreInput
 
 
@@ -48,24 +50,15 @@ class InprocessResult:
 
 def sorted_batches(lengths: Sequence[int], max_tokens: int, max_items: int) -> list[list[int]]:
     """Indices sorted by length, packed greedily: ``count * longest <= max_tokens``."""
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    batches: list[list[int]] = []
-    cur: list[int] = []
-    for i in order:
-        if cur and (len(cur) + 1 > max_items or (len(cur) + 1) * lengths[i] > max_tokens):
-            batches.append(cur)
-            cur = []
-        cur.append(i)
-    if cur:
-        batches.append(cur)
-    return batches
+    return tight_batches(lengths, max_tokens, max_items, math.inf)
 
 
 def tight_batches(
     lengths: Sequence[int], max_tokens: int, max_items: int, overhead_tokens: float
 ) -> list[list[int]]:
-    """Sorted like `sorted_batches`, but an item joins only when the padding it adds is at most
-    its share of a forward's fixed cost (the server's cost-aware rule, reward_server.batcher)."""
+    """Indices sorted by length, packed greedily under ``count * longest <= max_tokens`` and the
+    item cap; an item joins only when the padding it adds is at most its share of a forward's
+    fixed cost (the server's cost-aware rule, reward_server.batcher; infinite = no such rule)."""
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
     batches: list[list[int]] = []
     cur: list[int] = []
@@ -85,7 +78,8 @@ def tight_batches(
 
 
 def measure_overhead_tokens(runner: Any, max_tokens: int, max_items: int) -> float:
-    """A forward's fixed cost in tokens, as the server measures it at warm-up."""
+    """A forward's fixed cost in tokens, as the server measures it at warm-up (the same fit,
+    `reward_server.calibration.overhead_from_timings`), with one stream and no event loop."""
     big = runner.warmup_items(max_tokens, max_items)
     small = runner.warmup_items(64, 1)
 
@@ -99,12 +93,7 @@ def measure_overhead_tokens(runner: Any, max_tokens: int, max_items: int) -> flo
 
     runner.forward(big)
     t_big, t_small = best(big, 1), best(small, 3)
-    p_big = len(big) * len(big[0].input_ids)
-    p_small = len(small[0].input_ids)
-    if p_big <= p_small or t_big <= t_small:
-        return float("inf")
-    c1 = (t_big - t_small) / (p_big - p_small)
-    return max(0.0, (t_small - c1 * p_small) / c1)
+    return overhead_from_timings(t_big, padded_tokens(big), t_small, padded_tokens(small))
 
 
 def arrival_batches(lengths: Sequence[int], max_tokens: int, max_items: int) -> list[list[int]]:

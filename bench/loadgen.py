@@ -22,6 +22,7 @@ import numpy as np
 
 from bench.workload import RequestShape
 from reward_server.api.rlhf.v1 import reward_service_pb2 as pb
+from reward_server.client.messages import score_items
 
 SCORE_METHOD = "/rlhf.v1.RewardService/Score"
 
@@ -85,7 +86,7 @@ def build_requests(
     out = []
     for _ in range(n_requests):
         k = rng.randint(shape.lo, shape.hi)
-        items = [pb.ScoreItem(prompt=p, completion=c) for p, c in rng.sample(list(pairs), k)]
+        items = score_items(rng.sample(list(pairs), k))
         out.append((pb.ScoreRequest(model=model, items=items).SerializeToString(), k))
     return out
 

@@ -1,7 +1,8 @@
 """The naive baseline: one forward per request, no batching across requests.
 
-This is how several RLHF frameworks serve reward models today (REFERENCES.md: OpenRLHF
-`openrlhf/cli/serve_rm.py` runs one forward per HTTP request). It speaks the same wire API
+This is how several RLHF frameworks serve reward models today (OpenRLHF's
+`openrlhf/cli/serve_rm.py`, https://github.com/OpenRLHF/OpenRLHF, runs one forward per HTTP
+request). It speaks the same wire API
 (`Score` only) so the same load generator drives it, and uses the same runner code
 (`RewardRunner.encode` and `.forward`), so the only difference from the real server is the
 batching: each request's items are padded together, in arrival order, and forwarded alone on one

@@ -33,7 +33,8 @@ def arrival_window(self: batcher_mod.DynamicBatcher) -> list[int]:
     return chosen
 
 
-async def _infinite_overhead(self, runner, big) -> float:  # noqa: ANN001 - Engine's signature
+async def _infinite_overhead(runner, big, executor, streams) -> float:  # noqa: ANN001
+    """`calibration.measure_overhead_tokens`'s signature: infinite, so batches fill the budget."""
     return float("inf")
 
 
@@ -42,9 +43,9 @@ def main() -> int:
     if variant == "arrival":
         batcher_mod.DynamicBatcher._window = arrival_window  # the one change
     elif variant == "fill":  # length-sorted windows that fill the budget (no cost-aware rule)
-        from reward_server.engine import Engine
+        from reward_server import calibration
 
-        Engine.measure_overhead_tokens = _infinite_overhead
+        calibration.measure_overhead_tokens = _infinite_overhead
     else:
         raise SystemExit(f"unknown BENCH_BATCH_VARIANT {variant!r}")
     from reward_server.cli import main as cli_main

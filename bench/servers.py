@@ -1,108 +1,18 @@
 """Server processes for benchmarks (the real server, its arrival-order variant, the naive
-baseline), their readiness, Prometheus metrics and CPU use."""
+baseline) on loopback, launched and awaited by reward_server/local_server.py, and the
+Prometheus deltas of a measured window."""
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
 import sys
-import time
-import urllib.request
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from reward_server.local_server import LocalServer, free_port, launch, start_local_server
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    """A free TCP port on loopback."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@dataclass
-class BenchServer:
-    """A server subprocess on loopback."""
-
-    label: str
-    proc: subprocess.Popen
-    port: int
-    metrics_port: int
-    log_path: Path
-    cmd: list[str] = field(default_factory=list)
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def cpu_seconds(self) -> float:
-        """User + system CPU time of the process and its threads so far."""
-        import psutil
-
-        t = psutil.Process(self.proc.pid).cpu_times()
-        return t.user + t.system
-
-    def metrics(self) -> dict[str, float]:
-        """Prometheus samples as {'name{labels}': value} (empty without a metrics port)."""
-        if not self.metrics_port:
-            return {}
-        from prometheus_client.parser import text_string_to_metric_families
-
-        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
-        text = urllib.request.urlopen(url, timeout=10).read().decode()
-        out: dict[str, float] = {}
-        for fam in text_string_to_metric_families(text):
-            for s in fam.samples:
-                labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
-                out[f"{s.name}{{{labels}}}"] = s.value
-        return out
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-
-
-def _wait_serving(sp: BenchServer, timeout: float) -> None:
-    end = time.monotonic() + timeout
-    with grpc.insecure_channel(sp.address) as ch:
-        stub = health_pb2_grpc.HealthStub(ch)
-        while True:
-            if sp.proc.poll() is not None:
-                raise RuntimeError(
-                    f"{sp.label} exited with {sp.proc.returncode}:\n{sp.log_path.read_text()}"
-                )
-            try:
-                st = stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status
-                if st == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            if time.monotonic() > end:
-                sp.stop()
-                raise RuntimeError(f"{sp.label} not SERVING after {timeout}s")
-            time.sleep(0.2)
-
-
-def _launch(
-    label: str, cmd: list[str], port: int, mport: int, log_dir: Path, env: dict
-) -> BenchServer:
-    log_dir.mkdir(parents=True, exist_ok=True)
-    log_path = log_dir / f"{label}-{port}.log"
-    fh = open(log_path, "w")  # noqa: SIM115 - lives as long as the process
-    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **env}
-    proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=REPO, env=full_env)
-    return BenchServer(label, proc, port, mport, log_path, cmd)
+BENCH_ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+STOP_SECONDS = 30.0
+"""Grace after SIGTERM before SIGKILL (a loaded server drains its queue first)."""
 
 
 def start_reward_server(
@@ -113,31 +23,21 @@ def start_reward_server(
     variant: str = "",
     env: dict | None = None,
     timeout: float = 300.0,
-) -> BenchServer:
+) -> LocalServer:
     """`reward-server serve` (or `bench.serve_variant` when variant == "arrival") on loopback."""
-    port, mport = free_port(), free_port()
     module = "bench.serve_variant" if variant else "reward_server.cli"
-    env = {**(env or {}), **({"BENCH_BATCH_VARIANT": variant} if variant else {})}
-    cmd = [
-        sys.executable,
-        "-m",
-        module,
-        "serve",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--metrics-port",
-        str(mport),
-        "--device",
-        "cpu",
-        "--log-level",
-        "INFO",
-        *serve_args,
-    ]
-    sp = _launch(label, cmd, port, mport, log_dir, env)
-    _wait_serving(sp, timeout)
-    return sp
+    env = {**BENCH_ENV, **(env or {}), **({"BENCH_BATCH_VARIANT": variant} if variant else {})}
+    return start_local_server(
+        ["--log-level", "INFO", *serve_args],
+        log_dir,
+        program=[sys.executable, "-m", module],
+        label=label,
+        metrics=True,
+        env=env,
+        cwd=REPO,
+        timeout=timeout,
+        stop_timeout=STOP_SECONDS,
+    )
 
 
 def start_naive_server(
@@ -149,15 +49,24 @@ def start_naive_server(
     env: dict | None = None,
     workers: int = 1,
     threads: int = 0,
-) -> BenchServer:
+) -> LocalServer:
     """The naive one-forward-per-request baseline (bench/naive_server.py)."""
     port, mport = free_port(), free_port()
     cmd = [sys.executable, "-m", "bench.naive_server", "--model", model, "--port", str(port)]
     cmd += ["--backend", backend, "--metrics-port", str(mport)]
     cmd += ["--workers", str(workers), "--threads", str(threads)]
-    sp = _launch(label, cmd, port, mport, log_dir, env or {})
-    _wait_serving(sp, 300.0)
-    return sp
+    server = launch(
+        cmd,
+        port,
+        Path(log_dir) / f"{label}-{port}.log",
+        metrics_port=mport,
+        label=label,
+        env={**BENCH_ENV, **(env or {})},
+        cwd=REPO,
+        stop_timeout=STOP_SECONDS,
+    )
+    server.wait_serving(300.0)
+    return server
 
 
 def metric_delta(

@@ -124,5 +124,6 @@ def grpo_advantages(
 
 
 def whiten_advantages(advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Advantages are always whitened with the mean shifted (N+ implementation details, item 6)."""
+    """Advantages are always whitened with the mean shifted (Huang et al. 2024, "The N+
+    Implementation Details of RLHF with PPO", https://arxiv.org/abs/2403.17031)."""
     return masked_whiten(advantages, mask, shift_mean=True)

@@ -1,4 +1,9 @@
-"""``policy-trainer ppo --config run.yaml [--resume] [--server ADDR] [section.key=value ...]``.
+"""``policy-trainer ppo --config run.yaml [--resume] [--server ADDR] [--ppo.lr X ...]
+[section.key=value ...]``.
+
+Every config key is also a flag (``ppo.kl_coef`` -> ``--ppo.kl-coef``), generated from the
+fields of `TrainerConfig`. Precedence: defaults < the file < trailing ``section.key=value``
+overrides < ``--section.key`` flags < ``--server`` / ``--output-dir``.
 
 Exit codes: 0 done, 2 bad config or input, 3 the reward server went away or refused the work (a
 checkpoint of the last completed iteration was written when there was one), 130 interrupted.
@@ -11,12 +16,17 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 EXIT_CONFIG = 2
 EXIT_SERVER = 3
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``policy-trainer`` argument parser (tests check deploy manifests against it)."""
+    from policy_trainer.config import TrainerConfig
+    from reward_server.config_base import PRECEDENCE_NOTE, add_config_file_flag, add_config_flags
+
     parser = argparse.ArgumentParser(
         prog="policy-trainer", description="PPO trainer client of the reward service"
     )
@@ -25,10 +35,11 @@ def build_parser() -> argparse.ArgumentParser:
         "ppo",
         help="train a policy with PPO against a reward server",
         description="Train a policy with PPO; rewards and reference log-probs come from the server. "
-        "Trailing section.key=value arguments override the config file (values parsed as YAML), "
-        "e.g. ppo.lr=3e-6 run.iterations=100. Under torchrun every rank runs this command.",
+        "Under torchrun every rank runs this command. Trailing section.key=value arguments "
+        "(values parsed as YAML, e.g. ppo.lr=3e-6 run.iterations=100) override the file, and "
+        "flags override them. " + PRECEDENCE_NOTE,
     )
-    ppo.add_argument("--config", required=True, help="YAML run config (see docs/TRAINER.md)")
+    add_config_file_flag(ppo, required=True)
     resume = ppo.add_mutually_exclusive_group()
     resume.add_argument(
         "--resume", action="store_true", help="continue from the run directory's latest checkpoint"
@@ -43,20 +54,32 @@ def build_parser() -> argparse.ArgumentParser:
     ppo.add_argument(
         "--log-level", default="WARNING", help="python logging level (default WARNING)"
     )
-    ppo.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
+    ppo.add_argument(
+        "overrides", nargs="*", metavar="section.key=value", help="config overrides (YAML values)"
+    )
+    add_config_flags(ppo, TrainerConfig)
     return parser
 
 
-def run_ppo(args: argparse.Namespace) -> int:
-    from policy_trainer.config import ConfigError, load_config
+def config_from_args(args: argparse.Namespace) -> Any:
+    """The validated TrainerConfig of parsed ``ppo`` arguments (see the module docstring)."""
+    from policy_trainer.config import load_config
+    from reward_server.config_base import flag_overrides
 
-    overrides = list(args.overrides)
+    flags = flag_overrides(args)
     if args.server:
-        overrides.append(f"server.address={args.server}")
+        flags["server.address"] = args.server
     if args.output_dir:
-        overrides.append(f"run.output_dir={args.output_dir}")
+        flags["run.output_dir"] = args.output_dir
+    return load_config(args.config, args.overrides, flags)
+
+
+def run_ppo(args: argparse.Namespace) -> int:
+    """Run ``ppo``; returns the exit code (see the module docstring)."""
+    from reward_server.config_base import ConfigError
+
     try:
-        cfg = load_config(args.config, overrides)
+        cfg = config_from_args(args)
     except ConfigError as e:
         print(f"policy-trainer: config error: {e}", file=sys.stderr)
         return EXIT_CONFIG
@@ -99,6 +122,7 @@ def run_ppo(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``policy-trainer`` console script."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=getattr(logging, str(args.log_level).upper(), logging.WARNING),

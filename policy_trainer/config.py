@@ -1,25 +1,30 @@
-"""Typed configuration of a PPO run: YAML file + ``section.key=value`` overrides, validated once.
+"""Typed configuration of a PPO run: a YAML file, then flags and ``section.key=value`` overrides.
 
-Every field has a docstring (the string after it); docs/TRAINER.md lists them all.
+Every field has a docstring (the string after it): ``policy-trainer ppo --help`` shows them, and
+docs/TRAINER.md lists them all. Loading, type checks (``Literal`` choices included) and the
+``--section.key`` flags come from `reward_server.config_base`; `TrainerConfig.validate` adds
+the ranges and cross-field rules.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import re
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
-_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+from reward_server.config_base import ConfigError
+from reward_server.config_base import load_config as load_dataclass
 
-
-class ConfigError(ValueError):
-    """A config file or override that cannot be used; the message names the key."""
+__all__ = [
+    "ConfigError",
+    "TrainerConfig",
+    "config_from_dict",
+    "load_config",
+    "parse_overrides",
+]
 
 
 @dataclass
@@ -44,15 +49,15 @@ class ModelConfig:
     """Path or hub id of an ``AutoModelForCausalLM`` checkpoint (required)."""
     tokenizer: str | None = None
     """Tokenizer path or hub id; None = the policy's."""
-    dtype: str = "float32"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Weights dtype: float32, bfloat16 or float16 (log-probs are always float32)."""
     device: str = "auto"
     """auto (CUDA when available), cpu, cuda or cuda:N; under torchrun CUDA uses cuda:LOCAL_RANK."""
-    quantization: str = "none"
+    quantization: Literal["none", "8bit", "4bit"] = "none"
     """none, 8bit or 4bit (bitsandbytes base, QLoRA): CUDA only, needs lora.enabled."""
     lora: LoraConfig = field(default_factory=LoraConfig)
     """LoRA settings."""
-    value_model: str = "shared"
+    value_model: Literal["shared", "critic"] = "shared"
     """shared: a zero-initialised linear value head on the policy trunk; critic: a separate model."""
     critic_path: str | None = None
     """Critic checkpoint (value_model=critic), e.g. the reward model to initialise from its weights
@@ -92,7 +97,7 @@ class RolloutConfig:
     """Responses sampled per prompt (k; at least 2 for rloo/grpo)."""
     chunk_size: int = 4
     """Sequences generated at once; each chunk's RPCs overlap the next chunk's generation."""
-    overlap: str = "batch"
+    overlap: Literal["batch", "chunk", "none"] = "batch"
     """How the Score / ReferenceLogProbs RPCs overlap the trainer's own work. "batch": every chunk
     is generated first (chunk i's RPCs run while chunk i+1 is sampled), then the policy log-probs
     and values of all chunks are computed while the last chunks' RPCs finish. "chunk": each chunk's
@@ -114,7 +119,7 @@ class RolloutConfig:
 
 
 @dataclass
-class ServerConfig:
+class RewardServiceConfig:
     """The reward service."""
 
     address: str = "127.0.0.1:50051"
@@ -126,12 +131,17 @@ class ServerConfig:
     use_normalized_score: bool = False
     """Use the server's normalized score ((s - mean) / std) instead of the raw score."""
     timeout: float = 30.0
-    """Deadline of one RPC attempt in seconds."""
+    """Deadline in seconds of one call to the reward service, its retries included; with
+    retry_budget_seconds, of one round of retries (a round that runs out of time is retried within
+    the budget)."""
     max_retries: int = 3
-    """Retries inside the client library for one call."""
+    """Retries of one call after its first attempt: made by gRPC within the channel when `address`
+    is one target (at most 5 attempts in all), by the client on the next address for a comma
+    list."""
     retry_budget_seconds: float = 120.0
-    """Total time the trainer keeps retrying a chunk's RPCs on UNAVAILABLE / RESOURCE_EXHAUSTED /
-    DEADLINE_EXCEEDED before it checkpoints and stops."""
+    """Total time the client keeps retrying a call (rounds of `timeout`) on UNAVAILABLE /
+    RESOURCE_EXHAUSTED / DEADLINE_EXCEEDED, waiting for the server to report SERVING between
+    rounds when there is one address, before the trainer checkpoints and stops."""
     wait_ready_seconds: float = 120.0
     """How long to wait for the server to report SERVING at start."""
     tls_ca: str | None = None
@@ -151,13 +161,13 @@ class ServerConfig:
 class PPOConfig:
     """Rewards, advantages and updates."""
 
-    advantage_estimator: str = "gae"
+    advantage_estimator: Literal["gae", "rloo", "grpo"] = "gae"
     """gae (with a value function), rloo or grpo (critic-free group baselines)."""
     gamma: float = 1.0
     """Discount."""
     lam: float = 0.95
     """GAE lambda."""
-    kl_estimator: str = "k1"
+    kl_estimator: Literal["k1", "k2", "k3"] = "k1"
     """Per-token KL estimator in the reward: k1, k2 or k3."""
     kl_clamp: float | None = None
     """Clamp the log-ratio to +-this before the estimator (OpenRLHF uses 10); None = no clamp."""
@@ -189,7 +199,7 @@ class PPOConfig:
     """Value-loss coefficient."""
     lr: float = 1e-5
     """Adam learning rate (linearly decayed to 0 over the run when lr_schedule is linear)."""
-    lr_schedule: str = "linear"
+    lr_schedule: Literal["linear", "constant"] = "linear"
     """linear (to 0 at the last optimizer step) or constant."""
     adam_eps: float = 1e-5
     """Adam epsilon."""
@@ -238,15 +248,25 @@ class TrainerConfig:
     """A whole PPO run."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
+    """The policy and its value function."""
     data: DataConfig = field(default_factory=DataConfig)
+    """Where prompts come from."""
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
-    server: ServerConfig = field(default_factory=ServerConfig)
+    """Sampling of responses."""
+    server: RewardServiceConfig = field(default_factory=RewardServiceConfig)
+    """The reward service."""
     ppo: PPOConfig = field(default_factory=PPOConfig)
+    """Rewards, advantages and updates."""
     run: RunConfig = field(default_factory=RunConfig)
+    """The run itself."""
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (YAML-safe)."""
         return dataclasses.asdict(self)
+
+    def validate(self) -> None:
+        """Check ranges and cross-field rules; raises ConfigError naming the key."""
+        _validate(self)
 
     @property
     def rollout_batch_size(self) -> int:
@@ -257,124 +277,36 @@ class TrainerConfig:
 # ----------------------------------------------------------------------------- loading
 
 
-def _check_type(value: Any, tp: Any, key: str) -> Any:
-    """Check (and mildly coerce: int -> float) ``value`` against annotation ``tp``."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        errors = []
-        for arm in typing.get_args(tp):
-            try:
-                return _check_type(value, arm, key)
-            except ConfigError as e:
-                errors.append(str(e))
-        names = " or ".join(_type_name(a) for a in typing.get_args(tp))
-        raise ConfigError(f"{key}: expected {names}, got {value!r}")
-    if tp is type(None):
-        if value is None:
-            return None
-        raise ConfigError(f"{key}: expected null, got {value!r}")
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
-        (item_tp,) = typing.get_args(tp)
-        return [_check_type(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key}: expected true or false, got {value!r}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key}: expected an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str) and _FLOAT.match(value.strip()):
-            return float(value)  # YAML 1.1 reads "3e-6" (no dot) as a string
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise ConfigError(f"{key}: expected a string, got {value!r}")
-    raise ConfigError(f"{key}: unsupported type {tp}")  # pragma: no cover
-
-
-def _type_name(tp: Any) -> str:
-    return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
-
-
-def _build(cls: type, data: Any, prefix: str) -> Any:
-    if not isinstance(data, dict):
-        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        where = f" in {prefix}" if prefix else ""
-        raise ConfigError(f"unknown key(s){where}: {', '.join(unknown)}; known: {sorted(names)}")
-    kwargs = {}
-    for name, value in data.items():
-        key = f"{prefix}.{name}" if prefix else name
-        tp = hints[name]
-        if dataclasses.is_dataclass(tp):
-            kwargs[name] = _build(tp, value or {}, key)
-        else:
-            kwargs[name] = _check_type(value, tp, key)
-    return cls(**kwargs)
-
-
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``section.key=value`` strings (values parsed as YAML) onto a nested dict."""
-    for item in overrides:
-        if "=" not in item:
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["ppo.lr=3e-6", ...]`` -> ``{"ppo.lr": "3e-6"}`` (values parsed as YAML)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        dotted, eq, raw = item.partition("=")
+        if not eq:
             raise ConfigError(f"override {item!r}: expected section.key=value")
-        dotted, raw = item.split("=", 1)
-        parts = dotted.strip().split(".")
-        if not all(parts):
+        if not all(dotted.strip().split(".")):
             raise ConfigError(f"override {item!r}: empty key")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
+            out[dotted.strip()] = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError as e:
             raise ConfigError(f"override {item!r}: cannot parse value: {e}") from None
-        node = data
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {item!r}: {p} is not a section")
-        node[parts[-1]] = value
-    return data
+    return out
 
 
-def load_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainerConfig:
-    """Read a YAML file (or start from defaults when ``path`` is None), apply overrides, validate."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        try:
-            loaded = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML: {e}") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"{p}: expected a mapping at the top level")
-        data = loaded or {}
-    data = apply_overrides(data, overrides or [])
-    cfg = _build(TrainerConfig, data, "")
-    validate(cfg)
-    return cfg
+def load_config(
+    path: str | Path | None,
+    overrides: list[str] | None = None,
+    flags: dict[str, Any] | None = None,
+) -> TrainerConfig:
+    """Defaults, then the YAML file (None: none), then ``section.key=value`` overrides, then
+    ``flags`` (``{"ppo.lr": 3e-6}``, from ``--ppo.lr``), validated."""
+    merged = {**parse_overrides(overrides or []), **(flags or {})}
+    return load_dataclass(TrainerConfig, path, merged)
 
 
 def config_from_dict(data: dict[str, Any]) -> TrainerConfig:
     """Build and validate from a nested dict (e.g. a saved config.yaml)."""
-    cfg = _build(TrainerConfig, data, "")
-    validate(cfg)
-    return cfg
-
-
-def _choice(value: str, allowed: tuple[str, ...], key: str) -> None:
-    if value not in allowed:
-        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(allowed)}")
+    return load_dataclass(TrainerConfig, None, data)
 
 
 def _positive(value: float | int, key: str, allow_zero: bool = False) -> None:
@@ -382,53 +314,65 @@ def _positive(value: float | int, key: str, allow_zero: bool = False) -> None:
         raise ConfigError(f"{key}: must be {'>= 0' if allow_zero else '> 0'}, got {value}")
 
 
-def validate(cfg: TrainerConfig) -> None:
-    """Check ranges, choices and cross-field rules; raises ConfigError naming the key."""
-    m, d, r, s, p, run = cfg.model, cfg.data, cfg.rollout, cfg.server, cfg.ppo, cfg.run
+# Numeric ranges: dotted key -> whether 0 is allowed (else the value must be > 0).
+_RANGES = {
+    "model.lora.r": False,
+    "data.max_prompt_tokens": False,
+    "rollout.prompts_per_iteration": False,
+    "rollout.samples_per_prompt": False,
+    "rollout.chunk_size": False,
+    "rollout.temperature": False,
+    "rollout.max_new_tokens": False,
+    "server.timeout": False,
+    "server.max_retries": True,
+    "server.retry_budget_seconds": True,
+    "ppo.kl_coef": True,
+    "ppo.kl_target": False,
+    "ppo.kl_horizon": False,
+    "ppo.epochs": False,
+    "ppo.minibatch_size": False,
+    "ppo.cliprange": False,
+    "ppo.cliprange_value": False,
+    "ppo.lr": False,
+    "ppo.max_grad_norm": True,
+    "ppo.kl_clamp": False,
+    "ppo.score_clip": False,
+    "run.iterations": False,
+    "run.save_every": True,
+    "run.keep_checkpoints": True,
+    "run.plot_every": False,
+    "run.stop_after": False,
+    "run.num_threads": False,
+}
+
+
+def _get(cfg: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def _validate(cfg: TrainerConfig) -> None:
+    """Ranges and cross-field rules (types and choices were checked at load)."""
+    m, d, r, p = cfg.model, cfg.data, cfg.rollout, cfg.ppo
     if not m.policy:
         raise ConfigError("model.policy: required (a checkpoint path or hub id)")
-    _choice(m.dtype, ("float32", "bfloat16", "float16"), "model.dtype")
-    _choice(m.quantization, ("none", "8bit", "4bit"), "model.quantization")
-    _choice(m.value_model, ("shared", "critic"), "model.value_model")
     if not (m.device in ("auto", "cpu", "cuda") or m.device.startswith("cuda:")):
         raise ConfigError(f"model.device: {m.device!r} is not auto, cpu, cuda or cuda:N")
     if m.quantization != "none" and not m.lora.enabled:
         raise ConfigError("model.quantization: a quantized base can only be trained with LoRA")
-    _positive(m.lora.r, "model.lora.r")
     if not d.prompts:
         raise ConfigError("data.prompts: required (a file, a dataset directory, or a list)")
-    _positive(d.max_prompt_tokens, "data.max_prompt_tokens")
-    _positive(r.prompts_per_iteration, "rollout.prompts_per_iteration")
-    _positive(r.samples_per_prompt, "rollout.samples_per_prompt")
-    _positive(r.chunk_size, "rollout.chunk_size")
-    _positive(r.temperature, "rollout.temperature")
-    _positive(r.max_new_tokens, "rollout.max_new_tokens")
-    _positive(s.timeout, "server.timeout")
-    _positive(s.max_retries, "server.max_retries", allow_zero=True)
-    _positive(s.retry_budget_seconds, "server.retry_budget_seconds", allow_zero=True)
-    _choice(r.overlap, ("batch", "chunk", "none"), "rollout.overlap")
-    _choice(p.advantage_estimator, ("gae", "rloo", "grpo"), "ppo.advantage_estimator")
-    _choice(p.kl_estimator, ("k1", "k2", "k3"), "ppo.kl_estimator")
-    _choice(p.lr_schedule, ("linear", "constant"), "ppo.lr_schedule")
+    for key, allow_zero in _RANGES.items():
+        value = _get(cfg, key)
+        if value is not None:  # None = off, for the optional ones
+            _positive(value, key, allow_zero)
     if p.advantage_estimator != "gae" and r.samples_per_prompt < 2:
         raise ConfigError(
             f"ppo.advantage_estimator={p.advantage_estimator} needs rollout.samples_per_prompt >= 2"
         )
     if not 0.0 <= p.gamma <= 1.0 or not 0.0 <= p.lam <= 1.0:
         raise ConfigError("ppo.gamma and ppo.lam must lie in [0, 1]")
-    _positive(p.kl_coef, "ppo.kl_coef", allow_zero=True)
-    _positive(p.kl_target, "ppo.kl_target")
-    _positive(p.kl_horizon, "ppo.kl_horizon")
-    _positive(p.epochs, "ppo.epochs")
-    _positive(p.minibatch_size, "ppo.minibatch_size")
-    _positive(p.cliprange, "ppo.cliprange")
-    _positive(p.cliprange_value, "ppo.cliprange_value")
-    _positive(p.lr, "ppo.lr")
-    _positive(p.max_grad_norm, "ppo.max_grad_norm", allow_zero=True)
-    if p.kl_clamp is not None:
-        _positive(p.kl_clamp, "ppo.kl_clamp")
-    if p.score_clip is not None:
-        _positive(p.score_clip, "ppo.score_clip")
     batch = cfg.rollout_batch_size
     if batch % p.minibatch_size != 0:
         raise ConfigError(
@@ -441,11 +385,3 @@ def validate(cfg: TrainerConfig) -> None:
             f"ppo.micro_batch_size={micro} must be > 0 and divide ppo.minibatch_size"
             f"={p.minibatch_size}"
         )
-    _positive(run.iterations, "run.iterations")
-    _positive(run.save_every, "run.save_every", allow_zero=True)
-    _positive(run.keep_checkpoints, "run.keep_checkpoints", allow_zero=True)
-    _positive(run.plot_every, "run.plot_every")
-    if run.stop_after is not None:
-        _positive(run.stop_after, "run.stop_after")
-    if run.num_threads is not None:
-        _positive(run.num_threads, "run.num_threads")

@@ -38,7 +38,8 @@ def kl_estimate(
 
 @dataclass
 class FixedKLController:
-    """A constant KL coefficient (e.g. 0.03-0.05 for TL;DR in the N+ implementation details)."""
+    """A constant KL coefficient (e.g. 0.03-0.05 for TL;DR in Huang et al. 2024, "The N+
+    Implementation Details of RLHF with PPO", https://arxiv.org/abs/2403.17031)."""
 
     value: float
 

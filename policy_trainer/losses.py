@@ -20,18 +20,19 @@ class PolicyLossOutput:
     ratio_mean: torch.Tensor
 
 
-def logprobs_from_logits(
-    logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0
-) -> torch.Tensor:
-    """``log p(label)`` under ``softmax(logits / T)`` in float32; logits [B, T, V], labels [B, T]
-    -> [B, T]. No top-k/top-p renormalisation (N+ implementation details: temperature everywhere)."""
-    logp = torch.log_softmax(logits.float() / temperature, dim=-1)  # [B, T, V]
+def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``log p(label)`` under ``softmax(logits)`` in float32; logits [B, T, V], labels [B, T]
+    -> [B, T]. No top-k/top-p renormalisation; the caller has divided the logits by the sampling
+    temperature, as every forward does (`ActorCritic.forward`;Huang et al., "The N Implementation Details of RLHF with PPO",
+    https://iclr-blogposts.github.io/2024/blog/the-n-implementation-details-of-rlhf-with-ppo/)."""
+    logp = torch.log_softmax(logits.float(), dim=-1)  # [B, T, V]
     return torch.gather(logp, 2, labels.unsqueeze(-1)).squeeze(-1)  # [B, T]
 
 
-def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """Entropy of ``softmax(logits / T)``: [B, T, V] -> [B, T] (float32)."""
-    logp = torch.log_softmax(logits.float() / temperature, dim=-1)  # [B, T, V]
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of ``softmax(logits)`` (logits already divided by the temperature): [B, T, V] ->
+    [B, T] (float32)."""
+    logp = torch.log_softmax(logits.float(), dim=-1)  # [B, T, V]
     return -(logp.exp() * logp).sum(dim=-1)  # [B, T]
 
 
@@ -74,7 +75,7 @@ def value_loss(
     cliprange_value: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Clipped value loss ``0.5 * max((v - R)^2, (clip(v, v_old - c, v_old + c) - R)^2)``, masked
-    mean (N+ implementation details item 9; TRL ``ppo_trainer.py``). Inputs [B, T];
+    mean (TRL ``ppo_trainer.py``; Huang et al. 2024, https://arxiv.org/abs/2403.17031). Inputs [B, T];
     returns ``(loss, clipfrac)``."""
     v_clipped = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)
     loss_unclipped = (values - returns) ** 2  # [B, T]

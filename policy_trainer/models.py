@@ -1,8 +1,11 @@
-"""Loading the policy (optionally LoRA / k-bit base) and its value function, dropout off."""
+"""Loading the policy (optionally LoRA / k-bit base) and its value function, dropout off.
+
+Device, dtype, tokenizer and dropout come from the shared modules of `reward_server`
+(`devices`, `tokenizer_loading`, `dropout`), so the trainer and the server agree on them.
+"""
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -10,66 +13,39 @@ import torch
 from torch import nn
 
 from policy_trainer.config import ConfigError, ModelConfig
-
-log = logging.getLogger(__name__)
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from reward_server import devices, tokenizer_loading
+from reward_server.dropout import disable_dropout
 
 
 def resolve_device(cfg: ModelConfig, local_rank: int = 0) -> torch.device:
-    """The device of this rank (cuda:LOCAL_RANK under torchrun when CUDA is used)."""
-    if cfg.device == "cpu":
-        return torch.device("cpu")
-    if cfg.device == "auto" and not torch.cuda.is_available():
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise ConfigError(f"model.device={cfg.device}: CUDA is not available on this machine")
-    if cfg.device.startswith("cuda:"):
-        return torch.device(cfg.device)
-    return torch.device("cuda", local_rank)
-
-
-def disable_dropout(model: nn.Module) -> None:
-    """Dropout off everywhere (N+ implementation details): p = 0 in every Dropout module and in
-    config fields named like dropout, for attention implementations that read the config."""
-    for module in model.modules():
-        if isinstance(module, nn.Dropout):
-            module.p = 0.0
-        config = getattr(module, "config", None)
-        if config is not None and hasattr(config, "to_dict"):
-            for key, value in config.to_dict().items():
-                if ("dropout" in key or "pdrop" in key) and isinstance(value, float):
-                    setattr(config, key, 0.0)
+    """The device of this rank: `reward_server.devices.resolve_device` of ``model.device``
+    (``cuda:LOCAL_RANK`` under torchrun when CUDA is used); no CUDA is a `ConfigError`."""
+    try:
+        return torch.device(devices.resolve_device(cfg.device, local_rank, setting="model.device"))
+    except devices.DeviceError as e:
+        raise ConfigError(str(e)) from None
 
 
 def load_tokenizer(cfg: ModelConfig) -> Any:
-    """The policy tokenizer with left padding and a pad token distinct from EOS.
-
-    Without such a pad token an existing non-EOS token (unk, else id 0/1) is used as pad: pad ids
-    only ever sit under a 0 attention mask and never reach the server, and the vocabulary (and
-    so the tokenizer fingerprint) stays unchanged.
-    """
-    from transformers import AutoTokenizer
-
+    """The policy tokenizer, left-padded for generation, with the pad-token policy of
+    `reward_server.tokenizer_loading` (pad never EOS, the vocabulary and so the tokenizer
+    fingerprint unchanged); a tokenizer without EOS is a `ConfigError` (responses could never
+    end)."""
     src = cfg.tokenizer or cfg.policy
     try:
-        tok = AutoTokenizer.from_pretrained(src, trust_remote_code=cfg.trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"cannot load the tokenizer from {src!r}: {e}") from None
+        tok = tokenizer_loading.load_tokenizer(
+            src, trust_remote_code=cfg.trust_remote_code, padding_side="left"
+        )
+    except tokenizer_loading.TokenizerLoadError as e:
+        raise ConfigError(str(e)) from None
     if tok.eos_token_id is None:
         raise ConfigError(f"tokenizer {src!r} has no EOS token; responses could never end")
-    if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
-        candidates = [tok.unk_token_id, 0, 1]
-        pad_id = next(c for c in candidates if c is not None and c != tok.eos_token_id)
-        tok.pad_token = tok.convert_ids_to_tokens(pad_id)
-        log.warning("tokenizer has no pad token distinct from EOS; padding with %r", tok.pad_token)
-    tok.padding_side = "left"
     return tok
 
 
 def _load_kwargs(cfg: ModelConfig, device: torch.device) -> dict[str, Any]:
     kwargs: dict[str, Any] = {
-        "dtype": DTYPES[cfg.dtype],
+        "dtype": devices.torch_dtype(cfg.dtype),
         "trust_remote_code": cfg.trust_remote_code,
     }
     if cfg.quantization != "none":
@@ -77,7 +53,7 @@ def _load_kwargs(cfg: ModelConfig, device: torch.device) -> dict[str, Any]:
             raise ConfigError("model.quantization: 8bit/4bit bases are supported on CUDA only")
         from transformers import BitsAndBytesConfig
 
-        compute = DTYPES[cfg.dtype] if cfg.dtype != "float32" else torch.bfloat16
+        compute = devices.torch_dtype(cfg.dtype) if cfg.dtype != "float32" else torch.bfloat16
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_8bit=cfg.quantization == "8bit",
             load_in_4bit=cfg.quantization == "4bit",
@@ -147,7 +123,7 @@ def load_critic(
         critic, info = AutoModelForSequenceClassification.from_pretrained(
             src,
             num_labels=1,
-            dtype=DTYPES[cfg.dtype],
+            dtype=devices.torch_dtype(cfg.dtype),
             trust_remote_code=cfg.trust_remote_code,
             output_loading_info=True,
         )
@@ -172,8 +148,9 @@ def _critic_head(critic: nn.Module) -> nn.Module:
 
 
 def position_ids_from_mask(mask: torch.Tensor) -> torch.Tensor:
-    """``cumsum(mask) - mask``: real tokens get 0, 1, 2, ... whatever the left padding (N+ details
-    item 11); mask [B, L] -> [B, L]."""
+    """``cumsum(mask) - mask``: real tokens get 0, 1, 2, ... whatever the left padding (the server
+    computes its reference log-probs the same way: docs/API.md, "ReferenceLogProbs"); mask
+    [B, L] -> [B, L]."""
     mask = mask.long()
     return mask.cumsum(dim=-1) - mask
 
@@ -188,7 +165,8 @@ class ActorCritic(nn.Module):
         self.value_head: nn.Linear | None = None
         self.critic = critic
         if value_model == "shared":
-            # Zero-initialised value head (N+ implementation details item 13), float32.
+            # Zero-initialised value head, float32 (Huang et al., "The N Implementation Details of
+            # RLHF with PPO", https://iclr-blogposts.github.io/2024/blog/the-n-implementation-details-of-rlhf-with-ppo/).
             self.value_head = nn.Linear(hidden_size(policy), 1)
             nn.init.zeros_(self.value_head.weight)
             nn.init.zeros_(self.value_head.bias)

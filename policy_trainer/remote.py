@@ -1,14 +1,17 @@
-"""Scores and reference log-probs from the reward service, concurrently and with a retry budget.
+"""Scores and reference log-probs from the reward service, concurrently with the trainer's work.
 
 ``submit`` starts a chunk's Score and ReferenceLogProbs RPCs on worker threads and returns at
 once, so the caller generates the next chunk meanwhile (NeMo-Aligner's futures pattern);
 ``collect`` blocks for the results and counts the blocked time as ``wait_seconds``.
 
-Failure policy: UNAVAILABLE / RESOURCE_EXHAUSTED / DEADLINE_EXCEEDED / ABORTED are retried with
-backoff until ``server.retry_budget_seconds`` is spent, then ``ServerUnavailableError``;
-INVALID_ARGUMENT / INTERNAL on a batch are retried item by item and the items that still fail
-come back as NaN scores / None log-probs (masked out by the trainer, never replaced by zero);
-anything else (FAILED_PRECONDITION, UNAUTHENTICATED, ...) is ``ServerRejectedError``.
+Retries, the retry budget, waiting for SERVING and splitting by the server's limits are the
+client's (`reward_server.client.RewardClient`, built with ``budget_seconds`` from
+``server.retry_budget_seconds``). What is left here is the trainer's failure policy: a call that
+still fails with UNAVAILABLE / RESOURCE_EXHAUSTED / DEADLINE_EXCEEDED (the budget is spent) is
+``ServerUnavailableError``; INVALID_ARGUMENT / INTERNAL on a batch are retried item by item and
+the items that still fail come back as NaN scores / None log-probs (masked out by the trainer,
+never replaced by zero); anything else (FAILED_PRECONDITION, UNAUTHENTICATED, ...) is
+``ServerRejectedError``.
 """
 
 from __future__ import annotations
@@ -24,19 +27,16 @@ from typing import Any, TypeVar
 import grpc
 import numpy as np
 
-from policy_trainer.config import ServerConfig
-from reward_server.client import RewardClient, RewardServiceError
+from policy_trainer.config import RewardServiceConfig
+from reward_server.client import RETRYABLE, RewardClient, RewardServiceError
 
 log = logging.getLogger(__name__)
 R = TypeVar("R")
 
-RETRIABLE = {
-    grpc.StatusCode.UNAVAILABLE,
-    grpc.StatusCode.RESOURCE_EXHAUSTED,
-    grpc.StatusCode.DEADLINE_EXCEEDED,
-    grpc.StatusCode.ABORTED,
-}
+UNAVAILABLE = RETRYABLE | {grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
+"""Codes left when the client gave up retrying (or was closed): the server is not there."""
 PER_ITEM = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.INTERNAL}
+"""Codes that may come from one bad item: the batch is retried item by item."""
 
 
 class ServerUnavailableError(RuntimeError):
@@ -47,11 +47,12 @@ class ServerRejectedError(RuntimeError):
     """The server refused the work for a reason retrying cannot fix."""
 
 
-ScoreItem = tuple[str, str] | list[dict[str, str]]
-"""(prompt, completion), or a whole conversation whose last message is the response."""
+RewardInput = tuple[str, str] | list[dict[str, str]]
+"""What the reward model scores: (prompt, completion), or a whole conversation whose last
+message is the response."""
 
 
-def _completion(item: ScoreItem) -> str:
+def _completion(item: RewardInput) -> str:
     return item[1] if isinstance(item, tuple) else item[-1]["content"]
 
 
@@ -69,24 +70,22 @@ class RemoteRewards:
     def __init__(
         self,
         client: RewardClient,
-        cfg: ServerConfig,
+        cfg: RewardServiceConfig,
         temperature: float,
         tokenizer_fingerprint: str | None,
-        max_items_per_request: int = 0,
+        *,
         workers: int = 4,
     ):
         self.client, self.cfg, self.temperature = client, cfg, temperature
         self.fingerprint = tokenizer_fingerprint
-        self.max_items = max_items_per_request
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="reward-rpc")
         self.wait_seconds = 0.0
         self._lock = threading.Lock()
         self.failed_items = 0
-        self._closed = False
 
     # ------------------------------------------------------------------ public
     def submit(
-        self, items: list[ScoreItem], token_ids: list[list[int]], response_starts: list[int]
+        self, items: list[RewardInput], token_ids: list[list[int]], response_starts: list[int]
     ) -> ChunkRPCs:
         """Start both RPCs of a chunk; returns immediately."""
         return ChunkRPCs(
@@ -110,90 +109,57 @@ class RemoteRewards:
         return w
 
     def close(self) -> None:
-        """Stop: queued RPCs are cancelled, retry loops in flight give up at their next turn."""
-        self._closed = True
+        """Stop: queued RPCs are cancelled; calls in flight end when the client is closed."""
         self.pool.shutdown(wait=False, cancel_futures=True)
 
     # ------------------------------------------------------------------ workers
-    def _with_retries(self, fn: Callable[[], R], what: str) -> R:
-        start = time.monotonic()
-        delay = 0.25
-        while True:
-            try:
-                return fn()
-            except RewardServiceError as e:
-                if e.code in RETRIABLE:
-                    elapsed = time.monotonic() - start
-                    if self._closed or elapsed + delay > self.cfg.retry_budget_seconds:
-                        raise ServerUnavailableError(
-                            f"{what}: the reward server at {self.cfg.address} did not answer for "
-                            f"{elapsed:.1f}s (last error {e.code.name}: {e.details}); retry budget "
-                            f"server.retry_budget_seconds={self.cfg.retry_budget_seconds:g} spent"
-                        ) from None
-                    log.warning(
-                        "%s: %s (%s), retrying in %.2fs", what, e.code.name, e.details, delay
-                    )
-                    time.sleep(delay)
-                    delay = min(delay * 2, 4.0)
-                    self._wait_until_serving(start + self.cfg.retry_budget_seconds)
-                    continue
-                if e.code in PER_ITEM:
-                    raise
-                raise ServerRejectedError(
-                    f"{what}: the reward server at {self.cfg.address} refused the request "
-                    f"({e.code.name}: {e.details})"
+    def _call(self, fn: Callable[[], R], what: str) -> R:
+        """``fn()``, with the client's errors mapped to the trainer's (PER_ITEM ones re-raised)."""
+        try:
+            return fn()
+        except RewardServiceError as e:
+            if e.code in PER_ITEM:
+                raise
+            if e.code in UNAVAILABLE:
+                raise ServerUnavailableError(
+                    f"{what}: the reward server at {self.cfg.address} did not answer within the "
+                    f"retry budget server.retry_budget_seconds={self.cfg.retry_budget_seconds:g} "
+                    f"(last error {e.code.name}: {e.details})"
                 ) from None
+            raise ServerRejectedError(
+                f"{what}: the reward server at {self.cfg.address} refused the request "
+                f"({e.code.name}: {e.details})"
+            ) from None
 
-    def _wait_until_serving(self, deadline: float) -> None:
-        """After a connection failure, poll the health service until SERVING (or the deadline)
-        so a restarting server is not sent work before its models are loaded. Only with one
-        target: with several, another replica may serve and the retry goes there."""
-        if len(self.client.targets) != 1:
-            return
-        while time.monotonic() < deadline and not self._closed:
-            left = deadline - time.monotonic()
-            if self.client.health(timeout=min(2.0, max(0.1, left))) == "SERVING":
-                return
-            time.sleep(0.2)
-
-    def _split(self, n: int) -> list[slice]:
-        step = self.max_items if self.max_items > 0 else n
-        return [slice(i, min(i + step, n)) for i in range(0, n, step)]
-
-    def _batched_or_per_item(
+    def _batch_or_per_item(
         self, n: int, call: Callable[[slice], list[R]], what: str
     ) -> list[R | None]:
+        """All n items in one call (the client splits it by the server's limit); if the server
+        rejects it as a whole, item by item, with None for the items it still rejects."""
+        try:
+            return list(self._call(lambda: call(slice(0, n)), what))
+        except RewardServiceError as e:
+            log.warning("%s: batch rejected (%s: %s); retrying item by item", what, e.code.name, e.details)  # fmt: skip
         out: list[R | None] = []
-        for sl in self._split(n):
+        errors = []
+        for i in range(n):
             try:
-                out.extend(self._with_retries(lambda sl=sl: call(sl), what))
-                continue
+                out.extend(self._call(lambda i=i: call(slice(i, i + 1)), what))
             except RewardServiceError as e:
-                log.warning(
-                    "%s: batch rejected (%s: %s); retrying item by item",
-                    what,
-                    e.code.name,
-                    e.details,
-                )
-            errors = []
-            for i in range(sl.start, sl.stop):
-                try:
-                    out.extend(self._with_retries(lambda i=i: call(slice(i, i + 1)), what))
-                except RewardServiceError as e:
-                    log.warning("%s: item %d left out (%s: %s)", what, i, e.code.name, e.details)
-                    errors.append(e)
-                    out.append(None)
-            if len(errors) > 1 and len(errors) == sl.stop - sl.start:
-                # every item of a batch refused: the server, not the items, is the problem
-                raise ServerRejectedError(
-                    f"{what}: the reward server at {self.cfg.address} rejected every item of a "
-                    f"batch ({errors[0].code.name}: {errors[0].details})"
-                )
-            with self._lock:
-                self.failed_items += len(errors)
+                log.warning("%s: item %d left out (%s: %s)", what, i, e.code.name, e.details)
+                errors.append(e)
+                out.append(None)
+        if len(errors) > 1 and len(errors) == n:
+            # every item of a batch refused: the server, not the items, is the problem
+            raise ServerRejectedError(
+                f"{what}: the reward server at {self.cfg.address} rejected every item of a "
+                f"batch ({errors[0].code.name}: {errors[0].details})"
+            )
+        with self._lock:
+            self.failed_items += len(errors)
         return out
 
-    def _scores(self, items: list[ScoreItem]) -> np.ndarray:
+    def _scores(self, items: list[RewardInput]) -> np.ndarray:
         # An empty completion (the response was only EOS) is not scoreable text: the server
         # rejects it, so it is not sent and stays NaN (masked out) instead of failing a batch.
         nonempty = [i for i, it in enumerate(items) if _completion(it).strip()]
@@ -205,7 +171,7 @@ class RemoteRewards:
             if not idx:
                 continue
             sub = [items[i] for i in idx]
-            results = self._batched_or_per_item(
+            results = self._batch_or_per_item(
                 len(sub), lambda sl, sub=sub, method=method: method(sub[sl], model=model), "Score"
             )
             for i, res in zip(idx, results, strict=True):
@@ -227,7 +193,7 @@ class RemoteRewards:
                 tokenizer_fingerprint=self.fingerprint,
             )
 
-        refs = self._batched_or_per_item(len(token_ids), call, "ReferenceLogProbs")
+        refs = self._batch_or_per_item(len(token_ids), call, "ReferenceLogProbs")
         for i, (r, ids, s) in enumerate(zip(refs, token_ids, starts, strict=True)):
             if r is not None and len(r) != len(ids) - s:
                 raise ServerRejectedError(
@@ -242,9 +208,9 @@ def describe_server(info: Any) -> str:
     return f"reward server {info.version}: {models}"
 
 
-def check_server(info: Any, cfg: ServerConfig, fingerprint: str) -> int:
+def check_server(info: Any, cfg: RewardServiceConfig, fingerprint: str) -> None:
     """Check at start that the named models exist with the right roles and that the reference
-    model shares the policy's vocabulary; returns max_items_per_request (0 = no limit)."""
+    model shares the policy's vocabulary."""
     from reward_server.api.rlhf.v1 import reward_service_pb2 as pb
 
     by_name = {m.name: m for m in info.models}
@@ -276,4 +242,3 @@ def check_server(info: Any, cfg: ServerConfig, fingerprint: str) -> int:
         raise ServerRejectedError(
             f"server.use_normalized_score: reward model {rm_name!r} has no normalization statistics"
         )
-    return int(info.max_items_per_request)

@@ -13,7 +13,7 @@ import torch
 from policy_trainer.config import RolloutConfig
 from policy_trainer.data import Prompt
 from policy_trainer.models import ActorCritic
-from policy_trainer.remote import RemoteRewards, ScoreItem
+from policy_trainer.remote import RemoteRewards, RewardInput
 from policy_trainer.sampling import left_pad, right_pad, sample_responses, truncate_after_eos
 
 
@@ -94,7 +94,7 @@ def policy_logprobs(
     return logp, values
 
 
-def _score_item(prompt: Prompt, completion: str) -> ScoreItem:
+def _reward_input(prompt: Prompt, completion: str) -> RewardInput:
     if prompt.messages is not None:
         return [*prompt.messages, {"role": "assistant", "content": completion}]
     return (prompt.text, completion)
@@ -160,7 +160,7 @@ def collect_rollout(
         resp_lists = [resp[i, : lengths[i]].tolist() for i in range(len(chunk))]
         completions = tokenizer.batch_decode(resp_lists, skip_special_tokens=True)
         rpcs = remote.submit(
-            [_score_item(p, c) for p, c in zip(chunk, completions, strict=True)],
+            [_reward_input(p, c) for p, c in zip(chunk, completions, strict=True)],
             [p.token_ids + r for p, r in zip(chunk, resp_lists, strict=True)],
             [len(p.token_ids) for p in chunk],
         )

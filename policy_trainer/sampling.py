@@ -15,38 +15,45 @@ from torch import nn
 from policy_trainer.models import position_ids_from_mask
 
 
+def pad_tokens(
+    seqs: list[list[int]],
+    pad_id: int,
+    side: str,
+    device: torch.device | str = "cpu",
+    width: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad token lists on the `side` ("left" or "right") -> (ids [B, W], mask [B, W]);
+    W = the longest (or ``width``)."""
+    w = max(len(s) for s in seqs) if width is None else width
+    ids = torch.full((len(seqs), w), pad_id, dtype=torch.long)  # [B, W]
+    mask = torch.zeros((len(seqs), w), dtype=torch.long)  # [B, W]
+    for i, s in enumerate(seqs):
+        if s:
+            cols = slice(w - len(s), w) if side == "left" else slice(0, len(s))
+            ids[i, cols] = torch.tensor(s, dtype=torch.long)
+            mask[i, cols] = 1
+    return ids.to(device), mask.to(device)
+
+
 def left_pad(
     seqs: list[list[int]], pad_id: int, device: torch.device | str = "cpu", width: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-pad token lists -> (ids [B, W], mask [B, W]); W = longest (or ``width``)."""
-    w = max(len(s) for s in seqs) if width is None else width
-    ids = torch.full((len(seqs), w), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), w), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        if s:
-            ids[i, w - len(s) :] = torch.tensor(s, dtype=torch.long)
-            mask[i, w - len(s) :] = 1
-    return ids.to(device), mask.to(device)
+    """Left-pad token lists (prompts for generation) -> (ids [B, W], mask [B, W])."""
+    return pad_tokens(seqs, pad_id, "left", device, width)
 
 
 def right_pad(
     seqs: list[list[int]], pad_id: int, device: torch.device | str = "cpu", width: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad token lists -> (ids [B, W], mask [B, W])."""
-    w = max(len(s) for s in seqs) if width is None else width
-    ids = torch.full((len(seqs), w), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), w), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        if s:
-            ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
-            mask[i, : len(s)] = 1
-    return ids.to(device), mask.to(device)
+    """Right-pad token lists (responses) -> (ids [B, W], mask [B, W])."""
+    return pad_tokens(seqs, pad_id, "right", device, width)
 
 
 def truncate_after_eos(
     responses: torch.Tensor, eos_id: int, pad_id: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Keep each response up to and including its first EOS (N+ details item 4).
+    """Keep each response up to and including its first EOS (as in Huang et al. 2024, "The N+
+    Implementation Details of RLHF with PPO", https://arxiv.org/abs/2403.17031).
 
     responses [B, R] -> (responses with pad after the EOS [B, R], mask [B, R] (1 up to and
     including the EOS, or everywhere when there is none), has_eos [B] bool).

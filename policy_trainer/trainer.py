@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import logging
 import os
-import random
 import signal
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import yaml
 from tqdm import tqdm
@@ -59,6 +57,7 @@ from policy_trainer.run_logging import RunLogger
 from policy_trainer.update import build_optimizer, ppo_update
 from reward_server.client import RewardClient
 from reward_server.fingerprint import tokenizer_fingerprint
+from reward_server.seeding import seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -70,12 +69,6 @@ class TrainingStopped(RuntimeError):
     def __init__(self, message: str, checkpoint: Path | None):
         super().__init__(message)
         self.checkpoint = checkpoint
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def _changed_keys(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
@@ -238,6 +231,7 @@ class PPOTrainer:
             s.address,
             timeout=s.timeout,
             max_retries=s.max_retries,
+            budget_seconds=s.retry_budget_seconds,
             tls_ca=s.tls_ca,
             tls_cert=s.tls_cert,
             tls_key=s.tls_key,
@@ -250,14 +244,13 @@ class PPOTrainer:
             raise ServerUnavailableError(
                 f"the reward server at {s.address} is not ready after {s.wait_ready_seconds:g}s: {e}"
             ) from None
-        max_items = check_server(info, s, self.fingerprint)
+        check_server(info, s, self.fingerprint)
         log.info(describe_server(info))
         self.remote = RemoteRewards(
             self.client,
             s,
             self.cfg.rollout.temperature,
             self.fingerprint if s.check_fingerprint else None,
-            max_items,
         )
 
     def close(self) -> None:

@@ -156,9 +156,9 @@ class DynamicBatcher:
         self._seq = 0
         self._lone_share = 0.0  # EWMA: share of requests that found nothing queued or running
         self._arrivals = 0
-        self.overhead_tokens = math.inf  # fixed cost of a forward in tokens; Engine measures it
-        self.forwards = 0  # batches run (tests and benchmarks read it)
-        self.items_forwarded = 0
+        # a forward's fixed cost in tokens: set by the operator or measured at warm-up
+        # (reward_server.calibration); infinite fills the token budget
+        self.overhead_tokens = math.inf
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -172,15 +172,6 @@ class DynamicBatcher:
         """Refuse new work (UNAVAILABLE); queued work still runs."""
         self._closed = True
 
-    async def wait_idle(self, timeout: float) -> bool:
-        """Wait until nothing is queued or running; False on timeout."""
-        end = time.monotonic() + timeout
-        while self._queue or self._inflight:
-            if time.monotonic() >= end:
-                return False
-            await asyncio.sleep(0.01)
-        return True
-
     async def stop(self) -> None:
         """Cancel the scheduling task (batches already in a forward are awaited)."""
         if self._task:
@@ -190,11 +181,6 @@ class DynamicBatcher:
             self._task = None
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
-
-    @property
-    def depth(self) -> int:
-        """Items waiting in the queue."""
-        return len(self._queue)
 
     # ------------------------------------------------------------------ submit
     async def submit(
@@ -342,8 +328,6 @@ class DynamicBatcher:
             self._fail(batch, exc)
             return
         seconds = time.monotonic() - start
-        self.forwards += 1
-        self.items_forwarded += len(batch)
         self._obs.on_batch(self.name, len(batch), real, padded, seconds)
         if len(results) != len(batch):
             self._fail(

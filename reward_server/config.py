@@ -1,28 +1,21 @@
-"""Typed server configuration: a YAML file and command-line flags, validated once at load.
+"""Typed configuration of `reward-server serve`, validated once at load.
 
-Keys in YAML are the flag names with underscores (``--max-batch-tokens`` -> ``max_batch_tokens``).
+Each field below is a YAML key and a flag (``max_batch_tokens`` -> ``--max-batch-tokens``); the
+flags are generated from the fields by `reward_server.config_base`, which also loads the file.
 Flags override the file. `ServerConfig.validate` runs once; everything after trusts the values.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Literal
 
-import yaml
+from reward_server.config_base import ConfigError, require
 
-TRUNCATIONS = ("error", "left", "right")
-DTYPES = ("auto", "float32", "bfloat16", "float16")
-QUANTIZATIONS = ("none", "8bit", "4bit")
-BACKENDS = ("torch", "onnx")
-
-
-class ConfigError(ValueError):
-    """A configuration value is wrong; the message names the key and the accepted values."""
+__all__ = ["ConfigError", "ServerConfig", "parse_named"]
 
 
 @dataclass
@@ -51,12 +44,12 @@ class ServerConfig:
     """Model answering ReferenceLogProbs with an empty `model` (default: the first one)."""
     device: str = "auto"
     """auto (CUDA when present), cpu, cuda or cuda:N."""
-    dtype: str = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Weights dtype: auto (bfloat16 on CUDA when supported, float32 on CPU), float32, bfloat16,
     float16. Log-probs are always computed in float32."""
-    quantization: str = "none"
+    quantization: Literal["none", "8bit", "4bit"] = "none"
     """bitsandbytes weight quantization for reward models: none, 8bit or 4bit."""
-    backend: str = "torch"
+    backend: Literal["torch", "onnx"] = "torch"
     """Reward-model backend: torch, or onnx (a directory written by `reward-server export-onnx`)."""
     trust_remote_code: bool = False
     """Run model code shipped with a checkpoint. Off unless the operator turns it on."""
@@ -89,7 +82,7 @@ class ServerConfig:
     """Most items (or sequences) in one request; clients split larger batches."""
     max_input_tokens: int = 0
     """Longest input accepted (tokens); 0 = the model's own maximum."""
-    truncation: str = "error"
+    truncation: Literal["error", "left", "right"] = "error"
     """Default for inputs over the limit: error (INVALID_ARGUMENT), left or right."""
     logprob_slice_mb: float = 64.0
     """Memory budget (MiB) for one [rows, vocab] float32 logits slice in ReferenceLogProbs; the
@@ -122,141 +115,82 @@ class ServerConfig:
     """Let the health service answer without credentials (for probes) when auth is on."""
     log_level: str = "INFO"
     """Python logging level."""
-    log_format: str = "text"
+    log_format: Literal["text", "json"] = "text"
     """text or json (one JSON object per line)."""
-
-    # ---------------------------------------------------------------- loading
-    @classmethod
-    def from_sources(cls, yaml_path: str | None, overrides: dict[str, Any]) -> ServerConfig:
-        """Build from an optional YAML file, then flag overrides (non-None values win), validated."""
-        data: dict[str, Any] = {}
-        if yaml_path:
-            path = Path(yaml_path)
-            if not path.is_file():
-                raise ConfigError(f"config file {yaml_path!r} does not exist")
-            loaded = yaml.safe_load(path.read_text()) or {}
-            if not isinstance(loaded, dict):
-                raise ConfigError(f"config file {yaml_path!r} must hold a mapping")
-            data.update(loaded)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"unknown config key(s) {unknown}; known keys: {sorted(known)}")
-        for key, value in overrides.items():
-            if value is None:
-                continue
-            if key in (
-                "reward_models",
-                "reference_models",
-                "adapters",
-                "combinations",
-                "head_combine",
-            ):
-                merged = dict(data.get(key) or {})
-                merged.update(value)
-                data[key] = merged
-            else:
-                data[key] = value
-        cfg = cls(**data)
-        cfg.validate()
-        return cfg
 
     # ---------------------------------------------------------------- checks
     def validate(self) -> None:
-        """Check every value once; raise ConfigError naming the key."""
+        """Ranges and cross-field rules (types and choices were checked at load); raise
+        ConfigError naming the key."""
 
-        def need(cond: bool, msg: str) -> None:
-            if not cond:
-                raise ConfigError(msg)
-
-        for key in (
-            "reward_models",
-            "reference_models",
-            "adapters",
-            "combinations",
-            "head_combine",
-        ):
-            val = getattr(self, key)
-            need(isinstance(val, dict), f"{key} must be a mapping of name -> value")
-            setattr(self, key, {str(k): str(v) for k, v in val.items()})
-        need(
+        require(
             bool(self.reward_models or self.reference_models),
             "serve at least one model: --reward-model or --reference-model",
         )
         names = list(self.reward_models) + list(self.reference_models) + list(self.combinations)
         dup = {n for n in names if names.count(n) > 1}
-        need(not dup, f"model names must be unique across roles; repeated: {sorted(dup)}")
+        require(not dup, f"model names must be unique across roles; repeated: {sorted(dup)}")
         for name in self.adapters:
-            need(
+            require(
                 name in self.reward_models or name in self.reference_models,
                 f"adapter for unknown model {name!r}",
             )
         for name in self.head_combine:
-            need(name in self.reward_models, f"head_combine for unknown reward model {name!r}")
+            require(name in self.reward_models, f"head_combine for unknown reward model {name!r}")
         if self.reward_models and not self.default_reward_model:
             self.default_reward_model = next(iter(self.reward_models))
         if self.reference_models and not self.default_reference_model:
             self.default_reference_model = next(iter(self.reference_models))
-        need(
+        require(
             not self.default_reward_model
             or self.default_reward_model in self.reward_models
             or self.default_reward_model in self.combinations,
             f"default_reward_model {self.default_reward_model!r} is not a served reward model",
         )
-        need(
+        require(
             not self.default_reference_model
             or self.default_reference_model in self.reference_models,
             f"default_reference_model {self.default_reference_model!r} is not a served reference model",
         )
-        need(self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}")
-        need(
-            self.quantization in QUANTIZATIONS,
-            f"quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}",
-        )
-        need(self.backend in BACKENDS, f"backend must be one of {BACKENDS}, got {self.backend!r}")
-        need(
-            self.truncation in TRUNCATIONS,
-            f"truncation must be one of {TRUNCATIONS}, got {self.truncation!r}",
-        )
-        need(
+        require(
             self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
             f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}",
         )
-        need(
-            self.log_format in ("text", "json"),
-            f"log_format must be text or json, got {self.log_format!r}",
+        require(0 <= int(self.port) <= 65535, f"port out of range: {self.port}")
+        require(
+            self.max_batch_tokens >= 0, "max_batch_tokens must be >= 0 (0 = per-device default)"
         )
-        need(0 <= int(self.port) <= 65535, f"port out of range: {self.port}")
-        need(self.max_batch_tokens >= 0, "max_batch_tokens must be >= 0 (0 = per-device default)")
-        need(self.max_batch_items >= 1, "max_batch_items must be >= 1")
-        need(
+        require(self.max_batch_items >= 1, "max_batch_items must be >= 1")
+        require(
             self.max_queue_items >= self.max_batch_items,
             "max_queue_items must be >= max_batch_items",
         )
-        need(self.max_items_per_request >= 1, "max_items_per_request must be >= 1")
-        need(self.max_input_tokens >= 0, "max_input_tokens must be >= 0")
-        need(math.isfinite(self.max_wait_ms) and self.max_wait_ms >= 0, "max_wait_ms must be >= 0")
-        need(self.logprob_slice_mb > 0, "logprob_slice_mb must be > 0")
-        need(
+        require(self.max_items_per_request >= 1, "max_items_per_request must be >= 1")
+        require(self.max_input_tokens >= 0, "max_input_tokens must be >= 0")
+        require(
+            math.isfinite(self.max_wait_ms) and self.max_wait_ms >= 0, "max_wait_ms must be >= 0"
+        )
+        require(self.logprob_slice_mb > 0, "logprob_slice_mb must be > 0")
+        require(
             self.batch_overhead_tokens == -1 or self.batch_overhead_tokens >= 0,
             "batch_overhead_tokens must be >= 0, or -1 (measured at warm-up)",
         )
-        need(self.inline_tokenize_chars >= 0, "inline_tokenize_chars must be >= 0")
-        need(self.forward_streams >= 1, "forward_streams must be >= 1")
-        need(self.intra_op_threads >= 0, "intra_op_threads must be >= 0 (0 = default)")
-        need(self.tokenizer_threads >= 1, "tokenizer_threads must be >= 1")
-        need(self.grace_seconds >= 0, "grace_seconds must be >= 0")
-        need(self.max_message_mb >= 1, "max_message_mb must be >= 1")
-        need(bool(self.tls_cert) == bool(self.tls_key), "tls_cert and tls_key go together")
-        need(
+        require(self.inline_tokenize_chars >= 0, "inline_tokenize_chars must be >= 0")
+        require(self.forward_streams >= 1, "forward_streams must be >= 1")
+        require(self.intra_op_threads >= 0, "intra_op_threads must be >= 0 (0 = default)")
+        require(self.tokenizer_threads >= 1, "tokenizer_threads must be >= 1")
+        require(self.grace_seconds >= 0, "grace_seconds must be >= 0")
+        require(self.max_message_mb >= 1, "max_message_mb must be >= 1")
+        require(bool(self.tls_cert) == bool(self.tls_key), "tls_cert and tls_key go together")
+        require(
             not self.tls_client_ca or bool(self.tls_cert),
             "tls_client_ca (mutual TLS) needs tls_cert and tls_key",
         )
         for key in ("tls_cert", "tls_key", "tls_client_ca", "auth_token_file"):
             val = getattr(self, key)
-            need(not val or os.path.isfile(val), f"{key}: file {val!r} does not exist")
+            require(not val or os.path.isfile(val), f"{key}: file {val!r} does not exist")
         if self.backend == "onnx":
-            need(self.quantization == "none", "quantization applies to the torch backend only")
+            require(self.quantization == "none", "quantization applies to the torch backend only")
 
     def resolved_max_batch_tokens(self, device: str) -> int:
         """The padded-token budget for a device (the configured one, else the device default)."""
@@ -273,18 +207,21 @@ class ServerConfig:
         return [t for t in tokens if t]
 
 
-def parse_named(values: list[str] | None, flag: str, bare_name: str) -> dict[str, str] | None:
-    """Parse repeated ``[NAME=]VALUE`` flags; a bare value is named ``bare_name`` (then
-    ``bare_name2``, ...)."""
+def parse_named(
+    values: list[str] | None, flag: str, bare_name: str | None = None
+) -> dict[str, str] | None:
+    """Parse repeated ``NAME=VALUE`` flags. With ``bare_name``, ``[NAME=]VALUE``: a bare value
+    (or one whose "name" looks like a path) is named ``bare_name``, then ``bare_name2``, ..."""
     if not values:
         return None
     out: dict[str, str] = {}
     for i, raw in enumerate(values):
         name, sep, val = raw.partition("=")
-        if not sep or "/" in name or name.startswith("."):
+        if bare_name and (not sep or "/" in name or name.startswith(".")):
             name, val = (bare_name if i == 0 else f"{bare_name}{i + 1}"), raw
-        if not name or not val:
-            raise ConfigError(f"{flag}: expected [NAME=]VALUE, got {raw!r}")
+        if not sep and not bare_name or not name or not val:
+            form = "[NAME=]VALUE" if bare_name else "NAME=VALUE"
+            raise ConfigError(f"{flag}: expected {form}, got {raw!r}")
         if name in out:
             raise ConfigError(f"{flag}: name {name!r} given twice")
         out[name] = val

@@ -7,9 +7,11 @@ from collections.abc import Sequence
 import numpy as np
 
 from reward_server.api.rlhf.v1 import reward_service_pb2 as pb
-from reward_server.engine import ItemResult, ModelDescription, Timing
+from reward_server.engine import Timing
 from reward_server.models.reference import RefSequence
 from reward_server.models.reward import ScoreInput
+from reward_server.registry import ModelDescription
+from reward_server.score_result import ScoreResult
 
 TRUNCATION_FROM_PB = {
     pb.TRUNCATION_UNSPECIFIED: "",
@@ -54,7 +56,7 @@ def timing_pb(t: Timing) -> pb.Timing:
 
 
 def score_response(
-    model: str, results: Sequence[ItemResult], t: Timing, request_id: str
+    model: str, results: Sequence[ScoreResult], t: Timing, request_id: str
 ) -> pb.ScoreResponse:
     """Internal results -> ScoreResponse."""
     resp = pb.ScoreResponse(model=model, timing=timing_pb(t), request_id=request_id)
@@ -86,21 +88,14 @@ def logprobs_response(
     )
 
 
+# ModelDescription fields that ModelInfo names the same way
+_MODEL_INFO_SAME = (
+    "name", "heads", "dtype", "backend", "device", "max_input_tokens", "is_default",
+    "vocab_size", "source", "has_chat_template", "has_normalization", "combine",
+)  # fmt: skip
+
+
 def model_info(d: ModelDescription) -> pb.ModelInfo:
     """ModelDescription -> ModelInfo."""
-    return pb.ModelInfo(
-        name=d.name,
-        role=ROLE_TO_PB[d.role],
-        heads=d.heads,
-        tokenizer_fingerprint=d.fingerprint,
-        dtype=d.dtype,
-        backend=d.backend,
-        device=d.device,
-        max_input_tokens=d.max_input_tokens,
-        is_default=d.is_default,
-        vocab_size=d.vocab_size,
-        source=d.source,
-        has_chat_template=d.has_chat_template,
-        has_normalization=d.has_normalization,
-        combine=d.combine,
-    )
+    same = {key: getattr(d, key) for key in _MODEL_INFO_SAME}
+    return pb.ModelInfo(role=ROLE_TO_PB[d.role], tokenizer_fingerprint=d.fingerprint, **same)

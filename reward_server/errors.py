@@ -1,59 +1,47 @@
-"""Service errors, one class per status code of DESIGN.md's table.
+"""Service errors: each class names the gRPC status code it becomes (docs/ARCHITECTURE.md,
+"Status codes"; the cases behind each code are in docs/API.md, "Status codes").
 
-The model layer, the batcher and the validation code raise these; they import no grpc. The one
-place that maps them onto gRPC status codes is `reward_server.status`.
+The model layer, the batcher, the registry and the engine raise these; they import no grpc. The
+one place that maps them onto gRPC status codes is `reward_server.status`. Credentials are
+checked before a request reaches the servicer (`reward_server.auth` answers UNAUTHENTICATED
+itself), and a client that goes away cancels its call: neither needs a class here.
 """
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 
 class ServiceError(Exception):
-    """Base class; `code` names the gRPC status code this error becomes."""
+    """Base class; `code` names the gRPC status code this error becomes (INTERNAL here, each
+    subclass sets its own with ``class X(ServiceError, code="...")``)."""
 
-    code = "INTERNAL"
+    code: ClassVar[str] = "INTERNAL"
+
+    def __init_subclass__(cls, *, code: str, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.code = code
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
 
 
-class InvalidArgument(ServiceError):
+class InvalidArgument(ServiceError, code="INVALID_ARGUMENT"):
     """Malformed request: empty batch or text, id out of vocabulary, over a limit, unknown model."""
 
-    code = "INVALID_ARGUMENT"
 
-
-class FailedPrecondition(ServiceError):
+class FailedPrecondition(ServiceError, code="FAILED_PRECONDITION"):
     """Tokenizer fingerprint mismatch; the model exists but has the wrong role for this RPC."""
 
-    code = "FAILED_PRECONDITION"
 
-
-class ResourceExhausted(ServiceError):
+class ResourceExhausted(ServiceError, code="RESOURCE_EXHAUSTED"):
     """Queue full / over the concurrency limit: the client may retry with backoff."""
 
-    code = "RESOURCE_EXHAUSTED"
 
-
-class Unavailable(ServiceError):
+class Unavailable(ServiceError, code="UNAVAILABLE"):
     """Draining on shutdown or not ready yet: retry elsewhere."""
 
-    code = "UNAVAILABLE"
 
-
-class Unauthenticated(ServiceError):
-    """Missing or wrong credentials."""
-
-    code = "UNAUTHENTICATED"
-
-
-class DeadlineExceeded(ServiceError):
+class DeadlineExceeded(ServiceError, code="DEADLINE_EXCEEDED"):
     """The client's deadline passed before the work reached the model."""
-
-    code = "DEADLINE_EXCEEDED"
-
-
-class Cancelled(ServiceError):
-    """The client went away before the work reached the model."""
-
-    code = "CANCELLED"

@@ -5,6 +5,8 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 _LAT = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30)
+_ITEMS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+_TOKENS = (64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536)
 
 
 class ServerMetrics:
@@ -12,77 +14,39 @@ class ServerMetrics:
 
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
-        self.requests = Counter(
-            "reward_server_requests", "RPCs by method and status code", ["rpc", "code"], registry=r
+
+        def counter(name: str, doc: str, *labels: str) -> Counter:
+            return Counter(f"reward_server_{name}", doc, labels, registry=r)
+
+        def gauge(name: str, doc: str, *labels: str) -> Gauge:
+            return Gauge(f"reward_server_{name}", doc, labels, registry=r)
+
+        def histogram(name: str, doc: str, label: str, buckets: tuple[float, ...]) -> Histogram:
+            return Histogram(f"reward_server_{name}", doc, [label], registry=r, buckets=buckets)
+
+        self.requests = counter("requests", "RPCs by method and status code", "rpc", "code")
+        self.items = counter("items", "Items (or sequences) received, by RPC", "rpc")
+        self.queue_depth = gauge("queue_depth", "Items waiting in the batcher queue", "model")
+        self.batch_size = histogram("batch_size", "Items per forward", "model", _ITEMS)
+        self.batch_tokens = histogram("batch_tokens", "Padded tokens per forward", "model", _TOKENS)
+        self.real_tokens = counter("real_tokens", "Unpadded tokens forwarded", "model")
+        self.padded_tokens = counter("padded_tokens", "Padded tokens forwarded", "model")
+        self.padding_eff = gauge(
+            "padding_efficiency", "Real / padded tokens of the last forward", "model"
         )
-        self.items = Counter(
-            "reward_server_items", "Items (or sequences) received, by RPC", ["rpc"], registry=r
+        self.forwards = counter("forwards", "Batches run", "model")
+        self.dropped = counter(
+            "dropped_items", "Items dropped before the forward", "model", "reason"
         )
-        self.queue_depth = Gauge(
-            "reward_server_queue_depth", "Items waiting in the batcher queue", ["model"], registry=r
+        self.queue_time = histogram("queue_seconds", "Time items wait in the queue", "model", _LAT)
+        self.inference_time = histogram(
+            "inference_seconds", "Forward time per batch", "model", _LAT
         )
-        self.batch_size = Histogram(
-            "reward_server_batch_size",
-            "Items per forward",
-            ["model"],
-            registry=r,
-            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+        self.request_time = histogram("request_seconds", "Server-side time per RPC", "rpc", _LAT)
+        self.tokenize_time = histogram(
+            "tokenize_seconds", "Tokenisation time per Score request", "model", _LAT
         )
-        self.batch_tokens = Histogram(
-            "reward_server_batch_tokens",
-            "Padded tokens per forward",
-            ["model"],
-            registry=r,
-            buckets=(64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536),
-        )
-        self.real_tokens = Counter(
-            "reward_server_real_tokens", "Unpadded tokens forwarded", ["model"], registry=r
-        )
-        self.padded_tokens = Counter(
-            "reward_server_padded_tokens", "Padded tokens forwarded", ["model"], registry=r
-        )
-        self.padding_eff = Gauge(
-            "reward_server_padding_efficiency",
-            "Real / padded tokens of the last forward",
-            ["model"],
-            registry=r,
-        )
-        self.forwards = Counter("reward_server_forwards", "Batches run", ["model"], registry=r)
-        self.dropped = Counter(
-            "reward_server_dropped_items",
-            "Items dropped before the forward",
-            ["model", "reason"],
-            registry=r,
-        )
-        self.queue_time = Histogram(
-            "reward_server_queue_seconds",
-            "Time items wait in the queue",
-            ["model"],
-            registry=r,
-            buckets=_LAT,
-        )
-        self.inference_time = Histogram(
-            "reward_server_inference_seconds",
-            "Forward time per batch",
-            ["model"],
-            registry=r,
-            buckets=_LAT,
-        )
-        self.request_time = Histogram(
-            "reward_server_request_seconds",
-            "Server-side time per RPC",
-            ["rpc"],
-            registry=r,
-            buckets=_LAT,
-        )
-        self.tokenize_time = Histogram(
-            "reward_server_tokenize_seconds",
-            "Tokenisation time per Score request",
-            ["model"],
-            registry=r,
-            buckets=_LAT,
-        )
-        self.inflight = Gauge("reward_server_inflight_requests", "RPCs being handled", registry=r)
+        self.inflight = gauge("inflight_requests", "RPCs being handled")
 
     def serve_http(self, port: int, host: str = "0.0.0.0") -> None:
         """Expose /metrics over HTTP."""

@@ -84,20 +84,16 @@ def add_export_parser(subparsers: Any) -> None:
 def cmd_export(args: argparse.Namespace) -> int:
     """CLI entry: export, check parity, report."""
     from reward_server.models.loading import ModelLoadError
+    from reward_server.tokenizer_loading import TokenizerLoadError
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     log.setLevel(logging.INFO)  # our progress; not the exporter's own INFO chatter
     try:
+        options = ("adapter", "opset", "exporter", "atol", "trust_remote_code")  # its kwargs
         info = export_reward_model(
-            args.model,
-            args.output,
-            adapter=args.adapter,
-            opset=args.opset,
-            exporter=args.exporter,
-            atol=args.atol,
-            trust_remote_code=args.trust_remote_code,
+            args.model, args.output, **{key: getattr(args, key) for key in options}
         )
-    except (ModelLoadError, ExportError, OSError) as exc:
+    except (ModelLoadError, TokenizerLoadError, ExportError, OSError) as exc:
         print(f"reward-server export-onnx: {exc}", file=sys.stderr)
         return 2
     print(
@@ -165,12 +161,13 @@ def export_reward_model(
     import transformers
     from transformers import AutoModelForSequenceClassification
 
-    from reward_server.models.loading import load_model, load_tokenizer, max_positions
+    from reward_server.models.loading import load_model, max_positions
+    from reward_server.tokenizer_loading import classifier_pad_id, load_tokenizer
 
     t0 = time.monotonic()
     out = Path(output)
     _output_dir(out)
-    tokenizer = load_tokenizer(source, trust_remote_code)
+    tokenizer = load_tokenizer(source, trust_remote_code=trust_remote_code)
     model = load_model(
         AutoModelForSequenceClassification,
         source,
@@ -180,7 +177,7 @@ def export_reward_model(
         trust_remote_code=trust_remote_code,
     )
     if getattr(model.config, "pad_token_id", None) is None:
-        model.config.pad_token_id = tokenizer.pad_token_id
+        model.config.pad_token_id = classifier_pad_id(tokenizer)
     pad_id = int(model.config.pad_token_id)
     vocab = int(model.get_input_embeddings().num_embeddings)
     limit = max_positions(model, tokenizer)
@@ -192,40 +189,28 @@ def export_reward_model(
         "exporting %s (%.0f MB of weights) with the %s exporter", source, n_bytes / 1e6, exporter
     )
     try:
+        if exporter == "dynamo":
+            batch = torch.export.Dim("batch", min=1, max=1 << 16)
+            seq = torch.export.Dim("seq", min=1, max=limit)
+            dims: dict[str, Any] = {
+                "dynamic_shapes": {name: {0: batch, 1: seq} for name in INPUTS},
+                "external_data": n_bytes > (1 << 30),  # protobuf's 2 GB limit
+                "verbose": False,
+            }
+        else:  # the TorchScript exporter names the dynamic axes, the output's too
+            axes = {**{name: {0: "batch", 1: "seq"} for name in INPUTS}, OUTPUT: {0: "batch"}}
+            dims = {"dynamic_axes": axes}
         with torch.inference_mode(False), torch.no_grad():
-            if exporter == "dynamo":
-                batch = torch.export.Dim("batch", min=1, max=1 << 16)
-                seq = torch.export.Dim("seq", min=1, max=limit)
-                torch.onnx.export(
-                    wrapped,
-                    (ids, mask),
-                    str(path),
-                    dynamo=True,
-                    input_names=list(INPUTS),
-                    output_names=[OUTPUT],
-                    dynamic_shapes={
-                        "input_ids": {0: batch, 1: seq},
-                        "attention_mask": {0: batch, 1: seq},
-                    },
-                    opset_version=opset,
-                    external_data=n_bytes > (1 << 30),  # protobuf's 2 GB limit
-                    verbose=False,
-                )
-            else:
-                torch.onnx.export(
-                    wrapped,
-                    (ids, mask),
-                    str(path),
-                    dynamo=False,
-                    input_names=list(INPUTS),
-                    output_names=[OUTPUT],
-                    dynamic_axes={
-                        "input_ids": {0: "batch", 1: "seq"},
-                        "attention_mask": {0: "batch", 1: "seq"},
-                        OUTPUT: {0: "batch"},
-                    },
-                    opset_version=opset,
-                )
+            torch.onnx.export(
+                wrapped,
+                (ids, mask),
+                str(path),
+                dynamo=exporter == "dynamo",
+                input_names=list(INPUTS),
+                output_names=[OUTPUT],
+                opset_version=opset,
+                **dims,
+            )
     except Exception as exc:  # noqa: BLE001 - the exporters raise many types; name the model
         shutil.rmtree(out, ignore_errors=True)
         raise ExportError(f"{source}: ONNX export failed ({type(exc).__name__}: {exc})") from exc
@@ -233,20 +218,20 @@ def export_reward_model(
     tokenizer.save_pretrained(out)
     diff = parity(wrapped, path, pad_id, vocab, limit)
     info = ExportInfo(
-        FORMAT,
-        FORMAT_VERSION,
-        str(source),
-        adapter,
-        exporter,
-        opset,
-        int(model.config.num_labels),
-        pad_id,
-        limit,
-        torch.__version__,
-        transformers.__version__,
-        diff,
-        atol,
-        round(time.monotonic() - t0, 2),
+        format=FORMAT,
+        format_version=FORMAT_VERSION,
+        source=str(source),
+        adapter=adapter,
+        exporter=exporter,
+        opset=opset,
+        num_labels=int(model.config.num_labels),
+        pad_token_id=pad_id,
+        max_positions=limit,
+        torch_version=torch.__version__,
+        transformers_version=transformers.__version__,
+        parity_max_abs_diff=diff,
+        parity_atol=atol,
+        seconds=round(time.monotonic() - t0, 2),
     )
     (out / META_FILE).write_text(json.dumps(asdict(info), indent=1) + "\n")
     if not diff <= atol:

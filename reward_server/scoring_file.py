@@ -8,6 +8,8 @@ from typing import Any
 
 from tqdm import tqdm
 
+from reward_server.client import RewardClient
+
 
 def read_items(path: str) -> list[dict[str, Any]]:
     """Read {"prompt","completion"} or {"messages"} lines; ValueError names the line."""
@@ -29,9 +31,16 @@ def read_items(path: str) -> list[dict[str, Any]]:
 
 
 def score_file(
-    client: Any, input_path: str, output_path: str, *, model: str = "", batch_size: int = 64
+    client: RewardClient,
+    input_path: str,
+    output_path: str,
+    *,
+    model: str = "",
+    batch_size: int = 64,
 ) -> int:
-    """Score every line of `input_path` into `output_path`; returns the count."""
+    """Score every line of `input_path` into `output_path`; returns the count. ``batch_size``
+    items go per `RewardClient.score` call (the progress bar's step); the client splits each call
+    by the server's ``max_items_per_request``."""
     items = read_items(input_path)
     Path(output_path).parent.mkdir(parents=True, exist_ok=True)
     with (

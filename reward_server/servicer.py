@@ -160,7 +160,7 @@ class RewardServicer(pb_grpc.RewardServiceServicer):
             cfg = self.engine.config
             return pb.GetServerInfoResponse(
                 version=self.engine.version,
-                models=[convert.model_info(d) for d in self.engine.describe()],
+                models=[convert.model_info(d) for d in self.engine.registry.describe()],
                 max_items_per_request=cfg.max_items_per_request,
                 max_batch_tokens=self.engine.max_batch_tokens,
                 max_batch_items=cfg.max_batch_items,

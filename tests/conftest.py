@@ -3,61 +3,19 @@
 from __future__ import annotations
 
 import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
+from reward_server.local_server import LocalServer, free_port, start_local_server
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO = Path(__file__).resolve().parents[1]
-SERVER_BIN = [sys.executable, "-m", "reward_server.cli"]
-
-
-def free_port() -> int:
-    """A free TCP port on loopback."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@dataclass
-class ServerProcess:
-    """A `reward-server serve` subprocess on loopback."""
-
-    proc: subprocess.Popen
-    port: int
-    log_path: Path
-    metrics_port: int = 0
-    extra: dict = field(default_factory=dict)
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def terminate(self, timeout: float = 30.0) -> int:
-        """SIGTERM and wait; returns the exit code."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+ServerProcess = LocalServer
+"""A `reward-server serve` subprocess on loopback (the name tests use)."""
+__all__ = ["REPO", "ServerProcess", "free_port", "start_server"]
 
 
 def start_server(
@@ -70,44 +28,19 @@ def start_server(
     env: dict[str, str] | None = None,
     ready_kwargs: dict | None = None,
 ) -> ServerProcess:
-    """Run `reward-server serve ARGS` on a free loopback port and wait until SERVING."""
-    port = free_port()
-    cmd = [
-        *SERVER_BIN,
-        "serve",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--device",
-        "cpu",
-        *args,
-    ]
-    mport = 0
-    if metrics:
-        mport = free_port()
-        cmd += ["--metrics-port", str(mport)]
-    log_path = Path(tmp_dir) / f"server-{port}.log"
-    fh = open(log_path, "w")  # noqa: SIM115 - closed with the process
-    proc = subprocess.Popen(
-        cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=REPO, env={**os.environ, **(env or {})}
+    """Run `reward-server serve --device cpu ARGS` from the repository on a free loopback port
+    (log: TMP_DIR/server-PORT.log) and, with `wait`, wait until SERVING; `ready_kwargs` go to the
+    client that polls health (TLS, token)."""
+    return start_local_server(
+        args,
+        tmp_dir,
+        metrics=metrics,
+        env=env,
+        cwd=REPO,
+        wait=wait,
+        timeout=timeout,
+        client_kwargs=ready_kwargs,
     )
-    sp = ServerProcess(proc, port, log_path, mport)
-    if wait:
-        from reward_server.client import RewardClient
-
-        end = time.monotonic() + timeout
-        with RewardClient(sp.address, **(ready_kwargs or {})) as c:
-            while True:
-                if proc.poll() is not None:
-                    raise RuntimeError(f"server exited with {proc.returncode}:\n{sp.log()}")
-                if c.health() == "SERVING":
-                    break
-                if time.monotonic() > end:
-                    sp.stop()
-                    raise RuntimeError(f"server not SERVING after {timeout}s:\n{sp.log()}")
-                time.sleep(0.1)
-    return sp
 
 
 @pytest.fixture(scope="session")

@@ -2,22 +2,14 @@
 
 from __future__ import annotations
 
-import urllib.request
-
 import numpy as np
+
+from reward_server.local_server import scrape_metrics
 
 
 def scrape(port: int) -> dict[str, float]:
-    """Prometheus metrics as {'name{label="v",...}': value}."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    out: dict[str, float] = {}
-    for fam in text_string_to_metric_families(text):
-        for s in fam.samples:
-            labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
-            out[f"{s.name}{{{labels}}}"] = s.value
-    return out
+    """Prometheus metrics of a loopback server as {'name{label="v",...}': value}."""
+    return scrape_metrics(port, timeout=5)
 
 
 def inprocess_scores(model_dir: str, texts: list[str]) -> np.ndarray:

@@ -4,7 +4,8 @@
 #     docker build -f deploy/docker/trainer.Dockerfile -t rlhf/policy-trainer:cuda .
 #   cpu: torch CPU wheels, for the compose demo and CPU smoke runs
 #     docker build -f deploy/docker/trainer.Dockerfile --target cpu -t rlhf/policy-trainer:cpu .
-# The trainer talks to the reward server over gRPC; it loads only the policy model itself.
+# The trainer talks to the reward server over gRPC; it loads only the policy model itself, so the
+# image has the `trainer` extra only (no serving or ONNX packages).
 # Runs (metrics.jsonl, checkpoints, plots) go to /runs: mount a volume there.
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 ARG CUDA_IMAGE=nvidia/cuda:13.0.0-runtime-ubuntu24.04
@@ -37,7 +38,7 @@ COPY policy_trainer ./policy_trainer
 COPY --from=proto /gen/reward_server/api/rlhf/v1/ ./reward_server/api/rlhf/v1/
 # DL3013: the project itself; its dependencies are pinned in pyproject.toml.
 # hadolint ignore=DL3013
-RUN pip install ".[cpu]" && pip check
+RUN pip install ".[trainer]" && pip check
 
 # ---- build-cuda: venv with torch (CUDA wheels) and the project ------------------------------------
 FROM ${CUDA_IMAGE} AS build-cuda
@@ -58,7 +59,7 @@ COPY policy_trainer ./policy_trainer
 COPY --from=proto /gen/reward_server/api/rlhf/v1/ ./reward_server/api/rlhf/v1/
 # DL3013: the project itself; its dependencies are pinned in pyproject.toml.
 # hadolint ignore=DL3013
-RUN pip install ".[gpu]" && pip check
+RUN pip install ".[trainer]" && pip check
 
 # ---- cpu: runtime on the slim Python image ---------------------------------------------------------
 FROM ${PYTHON_IMAGE} AS cpu

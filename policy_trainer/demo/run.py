@@ -9,8 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,12 +18,6 @@ from typing import Any
 import yaml
 
 BIN = Path(sys.executable).parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _cli(name: str) -> list[str]:
@@ -175,35 +167,25 @@ def main(argv: list[str] | None = None) -> int:
     _step(
         "4/6 reward-server serve: the reward model and the SFT model (as reference) in their own process"
     )
-    port = _free_port()
-    server_log = open(out / "server.log", "w")  # noqa: SIM115 - closed below
-    server = subprocess.Popen(
-        [
-            *_cli("reward-server"),
-            "serve",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--device",
-            "cpu",
-            "--reward-model",
-            f"rm={out / 'rm'}",
-            "--reference-model",
-            f"sft={out / 'sft'}",
-            "--max-wait-ms",
-            "2",
-        ],
-        stdout=server_log,
-        stderr=subprocess.STDOUT,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
     from reward_server.client import RewardClient
+    from reward_server.local_server import start_local_server
 
-    client = RewardClient(f"127.0.0.1:{port}", timeout=60)
+    server = start_local_server(
+        [
+            *("--reward-model", f"rm={out / 'rm'}"),
+            *("--reference-model", f"sft={out / 'sft'}"),
+            *("--max-wait-ms", "2"),
+        ],
+        out,
+        program=_cli("reward-server"),
+        log_name="server.log",
+        env={"OMP_NUM_THREADS": "1"},
+        timeout=120,
+    )
+    port = server.port
+    client = RewardClient(server.address, timeout=60)
     try:
-        client.wait_until_ready(timeout=120)
-        print(f"server SERVING on 127.0.0.1:{port} (log: {out / 'server.log'})")
+        print(f"server SERVING on {server.address} (log: {server.log_path})")
 
         _step(f"5/6 policy-trainer ppo against the server over gRPC ({args.iterations} iterations)")
         cfg = ppo_config(out, port, args)
@@ -232,9 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     finally:
         client.close()
-        server.send_signal(signal.SIGTERM)
-        code = server.wait(60)
-        server_log.close()
+        code = server.terminate(timeout=60)
     tail = metrics[-5:]
     summary = {
         "rm_heldout_accuracy": rm_eval["eval_accuracy"],

@@ -1,47 +1,40 @@
-"""Loading Hugging Face checkpoints: device and dtype, safetensors only, PEFT adapters merged,
-optional bitsandbytes quantization. Errors come out as `ModelLoadError` with a clear message."""
+"""Loading Hugging Face checkpoints for inference: safetensors only, PEFT adapters merged,
+optional bitsandbytes quantization. Errors come out as `ModelLoadError` with a clear message.
+
+The device and dtype come from `reward_server.devices`, the tokenizer from
+`reward_server.tokenizer_loading` (shared with training and the trainer).
+"""
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypedDict
+
+if TYPE_CHECKING:
+    from typing_extensions import NotRequired, Unpack
 
 log = logging.getLogger(__name__)
 
 
+class LoadOptions(TypedDict):
+    """How a torch checkpoint is loaded; `load_model` and the torch runners take these as
+    keyword arguments."""
+
+    device: str
+    """Where the weights go: ``cpu``, ``cuda``, ``cuda:N``."""
+    dtype: Any
+    """A torch dtype (`reward_server.devices.resolve_dtype`)."""
+    adapter: NotRequired[str]
+    """A PEFT adapter directory merged into the weights ("" = none)."""
+    quantization: NotRequired[str]
+    """``none``, ``8bit`` or ``4bit`` (bitsandbytes)."""
+    trust_remote_code: NotRequired[bool]
+    """Run model code shipped with the checkpoint (off unless the operator asks)."""
+
+
 class ModelLoadError(RuntimeError):
     """A model could not be loaded; the message says which and why."""
-
-
-def resolve_device(requested: str) -> str:
-    """auto -> cuda when present else cpu; a cuda request without a GPU fails clearly."""
-    import torch
-
-    if requested == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if requested.startswith("cuda") and not torch.cuda.is_available():
-        raise ModelLoadError(
-            f"--device {requested}: no CUDA GPU is visible on this machine (use --device cpu or auto)"
-        )
-    return requested
-
-
-def resolve_dtype(requested: str, device: str) -> Any:
-    """The torch dtype for a requested name on a device (auto: bf16 on CUDA when supported)."""
-    import torch
-
-    if requested == "auto":
-        if device.startswith("cuda") and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return torch.float32
-    if requested in ("bfloat16", "float16") and device == "cpu":
-        log.warning(
-            "dtype %s on CPU is slow and less precise; float32 is the usual choice", requested
-        )
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[
-        requested
-    ]
 
 
 def _check_safetensors(source: str) -> None:
@@ -62,20 +55,6 @@ def _check_safetensors(source: str) -> None:
     raise ModelLoadError(f"{source}: no *.safetensors weights in this directory")
 
 
-def load_tokenizer(source: str, trust_remote_code: bool) -> Any:
-    """The checkpoint's own tokenizer; a missing pad token falls back to EOS (logged)."""
-    from transformers import AutoTokenizer
-
-    try:
-        tok = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
-    except Exception as exc:  # noqa: BLE001 - re-raised with the path named
-        raise ModelLoadError(f"{source}: cannot load tokenizer: {exc}") from exc
-    if tok.pad_token_id is None:
-        log.warning("%s: tokenizer has no pad token; using EOS as pad", source)
-        tok.pad_token = tok.eos_token
-    return tok
-
-
 def quantization_config(quantization: str, dtype: Any) -> Any:
     """A bitsandbytes config for 8bit/4bit (bitsandbytes >= 0.50 runs on CPU too), else None."""
     if quantization == "none":
@@ -94,21 +73,16 @@ def quantization_config(quantization: str, dtype: Any) -> Any:
     )
 
 
-def load_model(
-    auto_class: Any,
-    source: str,
-    *,
-    device: str,
-    dtype: Any,
-    adapter: str = "",
-    quantization: str = "none",
-    trust_remote_code: bool = False,
-) -> Any:
+def load_model(auto_class: Any, source: str, **options: Unpack[LoadOptions]) -> Any:
     """Load ``auto_class.from_pretrained(source)`` for inference (eval mode, no grad).
 
     Safetensors only; `trust_remote_code` only when asked; a PEFT adapter is merged into the
     weights (peft `merge_and_unload`), so inference costs nothing extra.
     """
+    device, dtype = options["device"], options["dtype"]
+    adapter = options.get("adapter", "")
+    quantization = options.get("quantization", "none")
+    trust_remote_code = options.get("trust_remote_code", False)
     _check_safetensors(source)
     qcfg = quantization_config(quantization, dtype)
     kwargs: dict[str, Any] = dict(
@@ -137,7 +111,7 @@ def load_model(
         model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
     if qcfg is None:
         model.to(device)
-    model.eval()  # dropout off (REFERENCES.md item 12)
+    model.eval()  # inference: dropout off, as in training (reward_server/dropout.py)
     for p in model.parameters():
         p.requires_grad_(False)
     return model

@@ -18,12 +18,12 @@ from typing import Any
 
 import numpy as np
 
-from reward_server.models.loading import ModelLoadError, load_tokenizer, max_positions
+from reward_server.models.loading import ModelLoadError, max_positions
 from reward_server.models.reward import EncodedItem, RewardRunnerBase, pad_right
+from reward_server.tokenizer_loading import load_tokenizer
 
 log = logging.getLogger(__name__)
 MODEL_FILE = "model.onnx"
-META_FILE = "onnx_export.json"
 
 
 def providers_for(device: str) -> list[Any]:
@@ -43,7 +43,7 @@ def providers_for(device: str) -> list[Any]:
 
 def session_options(intra_op_threads: int = 0) -> Any:
     """Full graph optimisation; intra-op threads do not spin while waiting (as OMP_WAIT_POLICY
-    PASSIVE for torch, see reward_server/engine.py): the server's event loop and tokenizer
+    PASSIVE for torch, see reward_server/calibration.py): the server's event loop and tokenizer
     threads share the cores. ``intra_op_threads`` 0 = onnxruntime's default (one per core)."""
     import onnxruntime as ort
 
@@ -91,9 +91,6 @@ class OnnxRewardRunner(RewardRunnerBase):
         tokenizer = load_tokenizer(source, trust_remote_code=False)
         pad = raw.get("pad_token_id")
         self.pad_id = int(pad if pad is not None else tokenizer.pad_token_id)
-        self.meta = (
-            json.loads((path / META_FILE).read_text()) if (path / META_FILE).is_file() else {}
-        )
         try:
             self.session = ort.InferenceSession(
                 str(model_file),

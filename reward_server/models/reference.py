@@ -1,8 +1,10 @@
 """The frozen reference model: per-token log-probs of given token sequences.
 
-Computed exactly as the trainer computes them (REFERENCES.md items 10-11): logits at position
-t-1 score token t, divided by the temperature, float32 log-softmax, no top-k/top-p, position ids
-from the attention mask. The [batch, seq, vocab] logits tensor is never built: the decoder runs
+Computed exactly as the trainer computes them (docs/API.md; the temperature and the position ids
+as in Huang et al., "The N Implementation Details of RLHF with PPO",
+https://iclr-blogposts.github.io/2024/blog/the-n-implementation-details-of-rlhf-with-ppo/):
+logits at position t-1 score token t, divided by the temperature, float32 log-softmax, no
+top-k/top-p, position ids from the attention mask. The [batch, seq, vocab] logits tensor is never built: the decoder runs
 once, then the LM head and log-softmax run over slices of the response positions sized to a memory
 budget (vllm #5907 ran out of memory building it whole).
 """
@@ -12,14 +14,18 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from reward_server.errors import InvalidArgument
 from reward_server.fingerprint import tokenizer_fingerprint
-from reward_server.models.loading import load_model, load_tokenizer, max_positions
+from reward_server.models.loading import LoadOptions, load_model, max_positions
 from reward_server.models.runner import run_with_oom_split
+from reward_server.tokenizer_loading import load_tokenizer
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 
 @dataclass
@@ -45,34 +51,26 @@ def validate_temperature(temperature: float) -> float:
 class ReferenceRunner:
     """A loaded `AutoModelForCausalLM` serving log-probs."""
 
-    role = "reference"
-
     def __init__(
         self,
         name: str,
         source: str,
         *,
-        device: str,
-        dtype: Any,
-        adapter: str = "",
-        trust_remote_code: bool = False,
         max_input_tokens: int = 0,
         slice_bytes: int = 64 << 20,
         model: Any = None,
         tokenizer: Any = None,
+        **load: Unpack[LoadOptions],
     ) -> None:
+        """Load `source` with the `load` options (`LoadOptions`), unless `model` and
+        `tokenizer` are given already loaded; `slice_bytes` bounds one slice of float32 logits."""
         from transformers import AutoModelForCausalLM
 
-        self.name, self.source, self.device = name, source, device
-        self.tokenizer = tokenizer or load_tokenizer(source, trust_remote_code)
-        self.model = model or load_model(
-            AutoModelForCausalLM,
-            source,
-            device=device,
-            dtype=dtype,
-            adapter=adapter,
-            trust_remote_code=trust_remote_code,
+        self.name, self.source, self.device = name, source, load["device"]
+        self.tokenizer = tokenizer or load_tokenizer(
+            source, trust_remote_code=load.get("trust_remote_code", False)
         )
+        self.model = model or load_model(AutoModelForCausalLM, source, **load)
         self.dtype = str(next(self.model.parameters()).dtype).replace("torch.", "")
         self.trunk = getattr(self.model, self.model.base_model_prefix)
         self.lm_head = self.model.get_output_embeddings()
@@ -134,7 +132,8 @@ class ReferenceRunner:
             rows += [b] * k
             cols += range(s.response_start, n)
             temps += [s.temperature] * k
-        # position_ids = cumsum(mask) - 1 (REFERENCES.md item 11): padding never moves a position.
+        # position_ids = cumsum(mask) - 1 (as the trainer's, see the module docstring): padding
+        # never moves a position.
         pos = (mask.cumsum(-1) - 1).clamp(min=0)  # [B, T]
         rows_t = torch.tensor(rows, device=dev)  # [N]
         cols_t = torch.tensor(cols, device=dev)  # [N]

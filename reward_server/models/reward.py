@@ -5,16 +5,20 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from reward_server.combine import Combiner, parse_combiner
 from reward_server.errors import InvalidArgument
 from reward_server.fingerprint import tokenizer_fingerprint
-from reward_server.models.loading import load_model, load_tokenizer, max_positions
+from reward_server.models.loading import LoadOptions, load_model, max_positions
 from reward_server.models.runner import run_with_oom_split
 from reward_server.text_format import render_messages, render_pair
+from reward_server.tokenizer_loading import classifier_pad_id, load_tokenizer
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +45,6 @@ class RewardRunnerBase:
     rendering and truncation, head naming and combination. A backend sets the model, calls
     `_init_common`, and implements `_forward` (padded batch -> [num_heads] float32 per item)."""
 
-    role = "reward"
     backend = "torch"
 
     def _init_common(
@@ -158,37 +161,29 @@ class RewardRunner(RewardRunnerBase):
         name: str,
         source: str,
         *,
-        device: str,
-        dtype: Any,
-        adapter: str = "",
-        quantization: str = "none",
-        trust_remote_code: bool = False,
         max_input_tokens: int = 0,
         head_combine: str = "",
         model: Any = None,
         tokenizer: Any = None,
+        **load: Unpack[LoadOptions],
     ) -> None:
+        """Load `source` with the `load` options (`LoadOptions`), unless `model` and
+        `tokenizer` are given already loaded."""
         from transformers import AutoModelForSequenceClassification
 
-        tokenizer = tokenizer or load_tokenizer(source, trust_remote_code)
-        self.model = model or load_model(
-            AutoModelForSequenceClassification,
-            source,
-            device=device,
-            dtype=dtype,
-            adapter=adapter,
-            quantization=quantization,
-            trust_remote_code=trust_remote_code,
+        tokenizer = tokenizer or load_tokenizer(
+            source, trust_remote_code=load.get("trust_remote_code", False)
         )
+        self.model = model or load_model(AutoModelForSequenceClassification, source, **load)
         if getattr(self.model.config, "pad_token_id", None) is None:
-            self.model.config.pad_token_id = tokenizer.pad_token_id
+            self.model.config.pad_token_id = classifier_pad_id(tokenizer)
         self.pad_id = int(self.model.config.pad_token_id)
         self.dtype = str(next(self.model.parameters()).dtype).replace("torch.", "")
-        self.quantization = quantization
+        self.quantization = load.get("quantization", "none")
         self._init_common(
             name,
             source,
-            device,
+            load["device"],
             tokenizer,
             self.model.config,
             max_positions(self.model, tokenizer),

@@ -20,8 +20,8 @@ def is_oom(exc: BaseException) -> bool:
 
 def run_with_oom_split(forward: Callable[[Sequence[T]], list[R]], batch: Sequence[T]) -> list[R]:
     """Run `forward(batch)`; on CUDA out-of-memory split the batch in halves and retry each
-    (DESIGN.md: a batch is split and retried, not failed). A single item that still does not fit
-    re-raises."""
+    (a batch is split and retried, not failed: docs/API.md, "Batching"). A single item that
+    still does not fit re-raises."""
     try:
         return forward(batch)
     except RuntimeError as exc:

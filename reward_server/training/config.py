@@ -1,30 +1,17 @@
-"""Typed configuration of `reward-server train`: a YAML file and flags, validated once.
+"""Typed configuration of `reward-server train`, validated once at load.
 
-YAML keys are the field names below (hyphens are accepted too: ``batch-size`` = ``batch_size``).
-Flags override the file. `TrainConfig.validate` runs once; the trainer trusts the values after.
+Each field below is a YAML key (hyphens accepted: ``batch-size`` = ``batch_size``) and a flag
+(``--batch-size``), generated from the fields by `reward_server.config_base`, which also loads
+the file. Flags override the file. `TrainConfig.validate` runs once; the trainer trusts the values.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-import yaml
-
-ON_ERROR = ("skip", "stop")
-DEVICES = ("auto", "cpu", "cuda")
-PRECISIONS = ("auto", "fp32", "bf16")
-QUANTIZATIONS = ("none", "8bit", "4bit")
-SAVE_DTYPES = ("float32", "bfloat16")
-TRUNCATION_SIDES = ("left", "right")
-_LIST_FIELDS = ("data", "eval_data", "norm_data", "lora_target_modules")
-
-
-class TrainConfigError(ValueError):
-    """A training configuration value is wrong; the message names the key."""
+from reward_server.config_base import require
 
 
 @dataclass
@@ -44,7 +31,7 @@ class TrainConfig:
     """Fraction of prompts held out for evaluation (whole prompts: no prompt is on both sides)."""
     data_split: str = "train"
     """Split to read from a `datasets` DatasetDict directory."""
-    on_error: str = "stop"
+    on_error: Literal["skip", "stop"] = "stop"
     """Malformed record: stop (exit with file and line) or skip (counted and reported)."""
     epochs: int = 1
     """Passes over the training split."""
@@ -64,7 +51,7 @@ class TrainConfig:
     """Gradient-norm clip (0 = off)."""
     max_length: int = 256
     """Longest input in tokens; longer texts are truncated on `truncation_side` (counted)."""
-    truncation_side: str = "left"
+    truncation_side: Literal["left", "right"] = "left"
     """left keeps the end of the completion (where the reward is read); right keeps the start."""
     seed: int = 0
     """Seed for the split, shuffling, head initialisation and dropout."""
@@ -80,14 +67,14 @@ class TrainConfig:
     """Dropout inside the LoRA layers."""
     lora_target_modules: list[str] = field(default_factory=list)
     """Modules LoRA wraps (empty = peft's default for the architecture)."""
-    quantization: str = "none"
+    quantization: Literal["none", "8bit", "4bit"] = "none"
     """bitsandbytes base weights during training: none, 8bit or 4bit (needs LoRA). Meant for
     CUDA; bitsandbytes >= 0.50 also runs it on CPU, slowly."""
-    device: str = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
     """auto (CUDA when present), cpu or cuda."""
-    precision: str = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
     """auto (bf16 autocast on CUDA when supported, else fp32), fp32 or bf16 (CUDA only)."""
-    save_dtype: str = "float32"
+    save_dtype: Literal["float32", "bfloat16"] = "float32"
     """dtype of the saved weights: float32 or bfloat16."""
     disable_dropout: bool = True
     """Set every dropout probability to 0 during training too (lm-human-preferences does)."""
@@ -102,129 +89,45 @@ class TrainConfig:
     progress: bool = True
     """Show tqdm progress bars."""
 
-    # ---------------------------------------------------------------- loading
-    @classmethod
-    def from_sources(cls, yaml_path: str | None, overrides: dict[str, Any]) -> TrainConfig:
-        """Build from an optional YAML file, then flag overrides (non-None values win), validated."""
-        data: dict[str, Any] = {}
-        if yaml_path:
-            path = Path(yaml_path)
-            if not path.is_file():
-                raise TrainConfigError(f"config file {yaml_path!r} does not exist")
-            try:
-                loaded = yaml.safe_load(path.read_text()) or {}
-            except yaml.YAMLError as e:
-                raise TrainConfigError(
-                    f"config file {yaml_path!r} is not valid YAML: {e}"
-                ) from None
-            if not isinstance(loaded, dict):
-                raise TrainConfigError(f"config file {yaml_path!r} must hold a mapping")
-            data.update({str(k).replace("-", "_"): v for k, v in loaded.items()})
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise TrainConfigError(f"unknown config key(s) {unknown}; known keys: {sorted(known)}")
-        data.update({k: v for k, v in overrides.items() if v is not None})
-        for key in _LIST_FIELDS:
-            if key in data:
-                data[key] = _as_list(key, data[key])
-        cfg = cls(**data)
-        cfg.validate()
-        return cfg
-
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (for saving beside the checkpoint as train_config.yaml)."""
         return dataclasses.asdict(self)
 
     # ---------------------------------------------------------------- checks
     def validate(self) -> None:
-        """Check every value once; raise TrainConfigError naming the key."""
+        """Ranges and cross-field rules (types and choices were checked at load); raise
+        ConfigError naming the key."""
 
-        def need(cond: bool, msg: str) -> None:
-            if not cond:
-                raise TrainConfigError(msg)
-
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if f.name in _LIST_FIELDS:
-                need(
-                    isinstance(value, list) and all(isinstance(v, str) and v for v in value),
-                    f"{f.name} must be a list of non-empty strings",
-                )
-            elif f.type == "bool":
-                need(isinstance(value, bool), f"{f.name} must be true or false, got {value!r}")
-            elif f.type == "int":
-                need(
-                    isinstance(value, int) and not isinstance(value, bool),
-                    f"{f.name} must be an integer, got {value!r}",
-                )
-            elif f.type == "float":
-                need(
-                    isinstance(value, (int, float))
-                    and not isinstance(value, bool)
-                    and math.isfinite(value),
-                    f"{f.name} must be a finite number, got {value!r}",
-                )
-                setattr(self, f.name, float(value))
-            elif f.type == "str":
-                need(isinstance(value, str), f"{f.name} must be a string, got {value!r}")
-
-        need(bool(self.data), "give training data: --data FILE[,FILE]")
-        need(bool(self.base_model), "give a backbone: --base-model PATH")
-        need(bool(self.output), "give an output directory: --output DIR")
-        for key, allowed in (
-            ("on_error", ON_ERROR),
-            ("device", DEVICES),
-            ("precision", PRECISIONS),
-            ("quantization", QUANTIZATIONS),
-            ("save_dtype", SAVE_DTYPES),
-            ("truncation_side", TRUNCATION_SIDES),
-        ):
-            need(
-                getattr(self, key) in allowed,
-                f"{key} must be one of {allowed}, got {getattr(self, key)!r}",
-            )
+        require(bool(self.data), "give training data: --data FILE[,FILE]")
+        require(bool(self.base_model), "give a backbone: --base-model PATH")
+        require(bool(self.output), "give an output directory: --output DIR")
         for key in ("epochs", "batch_size", "grad_accum", "max_length", "norm_samples"):
-            need(getattr(self, key) >= 1, f"{key} must be >= 1, got {getattr(self, key)}")
+            require(getattr(self, key) >= 1, f"{key} must be >= 1, got {getattr(self, key)}")
         for key in ("eval_batch_size", "eval_every", "lora_r"):
-            need(getattr(self, key) >= 0, f"{key} must be >= 0, got {getattr(self, key)}")
-        need(self.max_length >= 2, "max_length must be >= 2")
-        need(self.lr > 0, f"lr must be > 0, got {self.lr}")
-        need(self.weight_decay >= 0, "weight_decay must be >= 0")
-        need(0 <= self.warmup_ratio < 1, "warmup_ratio must be in [0, 1)")
-        need(self.max_grad_norm >= 0, "max_grad_norm must be >= 0")
-        need(self.center_coef >= 0, "center_coef must be >= 0")
-        need(self.lora_alpha > 0, "lora_alpha must be > 0")
-        need(0 <= self.lora_dropout < 1, "lora_dropout must be in [0, 1)")
+            require(getattr(self, key) >= 0, f"{key} must be >= 0, got {getattr(self, key)}")
+        require(self.max_length >= 2, "max_length must be >= 2")
+        require(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        require(self.weight_decay >= 0, "weight_decay must be >= 0")
+        require(0 <= self.warmup_ratio < 1, "warmup_ratio must be in [0, 1)")
+        require(self.max_grad_norm >= 0, "max_grad_norm must be >= 0")
+        require(self.center_coef >= 0, "center_coef must be >= 0")
+        require(self.lora_alpha > 0, "lora_alpha must be > 0")
+        require(0 <= self.lora_dropout < 1, "lora_dropout must be in [0, 1)")
         if self.eval_data:
-            need(0 <= self.eval_fraction < 1, "eval_fraction must be in [0, 1)")
+            require(0 <= self.eval_fraction < 1, "eval_fraction must be in [0, 1)")
         else:
-            need(
+            require(
                 0 < self.eval_fraction < 1,
                 "eval_fraction must be in (0, 1) when no --eval-data is given "
                 f"(got {self.eval_fraction}); a held-out split is always evaluated",
             )
         if self.quantization != "none":
-            need(
+            require(
                 self.lora_r > 0, "quantization (8bit/4bit) trains LoRA adapters only: set --lora-r"
             )
-        need(
+        require(
             not (self.precision == "bf16" and self.device == "cpu"),
             "precision bf16 needs CUDA; use --precision fp32 on CPU",
         )
         if self.eval_batch_size == 0:
             self.eval_batch_size = self.batch_size
-
-
-def _as_list(key: str, value: Any) -> list[str]:
-    """Accept "a,b", ["a", "b"] or ["a,b"] for a list field."""
-    if isinstance(value, str):
-        value = [value]
-    if not isinstance(value, (list, tuple)):
-        raise TrainConfigError(f"{key} must be a list or a comma-separated string, got {value!r}")
-    out: list[str] = []
-    for v in value:
-        if not isinstance(v, str):
-            raise TrainConfigError(f"{key} entries must be strings, got {v!r}")
-        out.extend(p.strip() for p in v.split(",") if p.strip())
-    return out

@@ -19,12 +19,14 @@ from __future__ import annotations
 import json
 import math
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from reward_server.text_format import check_messages, render_messages, render_pair
+
+T = TypeVar("T")
 
 
 class RecordError(ValueError):
@@ -275,11 +277,31 @@ def _iter_arrow_dir(p: Path, split: str) -> Iterator[tuple[str, Any]]:
 
 
 # ----------------------------------------------------------------------------- loading
-def _handle(location: str, err: Exception, on_error: str, report: LoadReport) -> None:
-    msg = f"{location}: {err}"
-    if on_error == "stop":
-        raise DataError(f"malformed record at {msg} (use --on-error skip to skip such records)")
-    report.skipped.append(msg)
+def _parsed(
+    paths: list[str],
+    split: str,
+    on_error: str,
+    report: LoadReport,
+    parse: Callable[[str, Any], T],
+) -> Iterator[T]:
+    """``parse(location, record)`` of every record of ``paths``, counted in ``report``; a
+    malformed record stops the load (``on_error="stop"``) or is listed in ``report.skipped``."""
+    for path in paths:
+        for location, rec in iter_records(path, split):
+            try:
+                if isinstance(rec, Exception):
+                    raise rec
+                out = parse(location, rec)
+            except RecordError as e:
+                msg = f"{location}: {e}"
+                if on_error == "stop":
+                    raise DataError(
+                        f"malformed record at {msg} (use --on-error skip to skip such records)"
+                    ) from None
+                report.skipped.append(msg)
+                continue
+            report.records += 1
+            yield out
 
 
 def load_preferences(
@@ -293,21 +315,14 @@ def load_preferences(
     """Read, validate and render every record of ``paths``; one group per record."""
     report = LoadReport()
     groups: list[PreferenceGroup] = []
-    for path in paths:
-        for location, rec in iter_records(path, split):
-            try:
-                if isinstance(rec, Exception):
-                    raise rec
-                fmt, group = parse_record(
-                    rec, tokenizer, location=location, margin_from_data=margin_from_data
-                )
-            except RecordError as e:
-                _handle(location, e, on_error, report)
-                continue
-            groups.append(group)
-            report.records += 1
-            report.pairs += len(group.pairs)
-            report.formats[fmt] = report.formats.get(fmt, 0) + 1
+
+    def parse(location: str, rec: Any) -> tuple[str, PreferenceGroup]:
+        return parse_record(rec, tokenizer, location=location, margin_from_data=margin_from_data)
+
+    for fmt, group in _parsed(paths, split, on_error, report, parse):
+        groups.append(group)
+        report.pairs += len(group.pairs)
+        report.formats[fmt] = report.formats.get(fmt, 0) + 1
     if not groups:
         raise DataError(f"no usable preference records in {paths}")
     return groups, report
@@ -337,26 +352,19 @@ def load_completions(
     responses count).
     """
     report = LoadReport()
-    texts: list[str] = []
-    for path in paths:
-        for location, rec in iter_records(path, split):
+
+    def parse(location: str, rec: Any) -> list[str]:
+        if isinstance(rec, dict) and "completion" in rec:
+            prompt = _text(rec, "prompt", allow_empty=True)
+            return [render_pair(tokenizer, prompt, _text(rec, "completion"))]
+        if isinstance(rec, dict) and "messages" in rec:
             try:
-                if isinstance(rec, Exception):
-                    raise rec
-                if isinstance(rec, dict) and "completion" in rec:
-                    prompt = _text(rec, "prompt", allow_empty=True)
-                    texts.append(render_pair(tokenizer, prompt, _text(rec, "completion")))
-                elif isinstance(rec, dict) and "messages" in rec:
-                    try:
-                        texts.append(render_messages(tokenizer, _messages(rec, "messages")))
-                    except ValueError as e:
-                        raise RecordError(str(e)) from None
-                else:
-                    texts.extend(parse_record(rec, tokenizer, location=location)[1].texts)
-            except RecordError as e:
-                _handle(location, e, on_error, report)
-                continue
-            report.records += 1
+                return [render_messages(tokenizer, _messages(rec, "messages"))]
+            except ValueError as e:
+                raise RecordError(str(e)) from None
+        return parse_record(rec, tokenizer, location=location)[1].texts
+
+    texts = [t for ts in _parsed(paths, split, on_error, report, parse) for t in ts]
     if not texts:
         raise DataError(f"no usable reference completions in {paths}")
     return texts, report

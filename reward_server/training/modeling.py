@@ -3,6 +3,9 @@
 The saved checkpoint is a plain Hugging Face `AutoModelForSequenceClassification` directory
 (num_labels=1, safetensors, tokenizer beside it, ``config.pad_token_id`` set, LoRA merged) with
 ``config.reward_normalization = {"mean", "std", "count"}``, which `reward-server serve` reads.
+
+The device, the tokenizer (with a pad token of its own: `reward_server.tokenizer_loading`), the
+seed and dropout come from the shared modules the server and the PPO trainer use too.
 """
 
 from __future__ import annotations
@@ -18,20 +21,9 @@ import torch
 from reward_server.training.batching import encode_texts
 from reward_server.training.config import TrainConfig
 
-PAD_TOKEN = "<pad>"
-
 
 class ModelSetupError(RuntimeError):
-    """The backbone or tokenizer cannot be loaded or prepared (message says why)."""
-
-
-def resolve_device(requested: str) -> str:
-    """auto -> cuda when present, else cpu; cuda without a GPU is an error."""
-    if requested == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise ModelSetupError("--device cuda: no CUDA GPU is visible (use --device cpu or auto)")
-    return requested
+    """The device, tokenizer or backbone cannot be set up (message says why)."""
 
 
 def use_bf16(precision: str, device: str) -> bool:
@@ -51,22 +43,6 @@ def autocast(device: str, bf16: bool) -> contextlib.AbstractContextManager[Any]:
     if bf16:
         return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
-
-
-def load_tokenizer(source: str) -> Any:
-    """The backbone's tokenizer with a pad token distinct from EOS (``<pad>`` added if needed).
-
-    GPT-2-style sequence classification reads the last non-pad token, so pad must not be EOS.
-    """
-    from transformers import AutoTokenizer
-
-    try:
-        tok = AutoTokenizer.from_pretrained(source)
-    except Exception as e:  # transformers raises OSError, ValueError, ... for a bad source
-        raise ModelSetupError(f"cannot load a tokenizer from {source!r}: {e}") from None
-    if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
-        tok.add_special_tokens({"pad_token": PAD_TOKEN})
-    return tok
 
 
 def _init_new_head(model: Any, new_keys: set[str], seed: int) -> list[str]:
@@ -93,13 +69,6 @@ def _init_new_head(model: Any, new_keys: set[str], seed: int) -> list[str]:
                 continue
         done.append(name)
     return done
-
-
-def disable_dropout(model: Any) -> None:
-    """Set every dropout probability to 0 (REFERENCES.md item 12)."""
-    for m in model.modules():
-        if isinstance(m, torch.nn.Dropout):
-            m.p = 0.0
 
 
 def load_backbone(

@@ -21,11 +21,22 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
+from reward_server.devices import DeviceError, resolve_device
+from reward_server.dropout import disable_dropout
+from reward_server.seeding import seed_everything
+from reward_server.tokenizer_loading import TokenizerLoadError, load_tokenizer
 from reward_server.training import modeling
-from reward_server.training.batching import TokenizedGroup, batch_indices, collate, tokenize_groups
+from reward_server.training.batching import (
+    Batch,
+    TokenizedGroup,
+    batch_indices,
+    collate,
+    tokenize_groups,
+)
 from reward_server.training.config import TrainConfig
 from reward_server.training.data import (
     LoadReport,
+    PreferenceGroup,
     load_completions,
     load_preferences,
     split_by_prompt,
@@ -56,14 +67,6 @@ class TrainResult:
     """Malformed records skipped."""
 
 
-def seed_everything(seed: int) -> None:
-    """Seed Python, torch (CPU and CUDA)."""
-    random.seed(seed)
-    torch.manual_seed(seed)
-    if torch.cuda.is_available():
-        torch.cuda.manual_seed_all(seed)
-
-
 def _report_skips(name: str, report: LoadReport, out: Path, log: Callable[[str], None]) -> None:
     if not report.skipped:
         return
@@ -75,6 +78,19 @@ def _report_skips(name: str, report: LoadReport, out: Path, log: Callable[[str],
     if more > 0:
         print(f"... and {more} more (all in {out / 'data_errors.txt'})", file=sys.stderr)
     log(f"{name}: skipped {len(report.skipped)} malformed record(s), listed in data_errors.txt")
+
+
+def rewards_and_loss(
+    model: Any, b: Batch, device: str, bf16: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rewards of a collated batch [N] (float32) and its grouped pairwise loss."""
+    with modeling.autocast(device, bf16):
+        logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits  # [N, 1]
+    rewards = logits[:, 0].float()  # [N]
+    loss = grouped_pair_loss(
+        rewards, b.chosen_idx, b.rejected_idx, b.group_idx, b.num_groups, b.margin
+    )
+    return rewards, loss
 
 
 @torch.no_grad()
@@ -94,12 +110,7 @@ def evaluate(
     batches = batch_indices(len(groups), batch_size, shuffle=False, seed=0)
     for idx in tqdm(batches, desc="eval", leave=False, disable=not progress):
         b = collate([groups[i] for i in idx], pad_token_id).to(device)
-        with modeling.autocast(device, bf16):
-            rewards = model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits
-        rewards = rewards[:, 0].float()  # [N]
-        loss = grouped_pair_loss(
-            rewards, b.chosen_idx, b.rejected_idx, b.group_idx, b.num_groups, b.margin
-        )
+        rewards, loss = rewards_and_loss(model, b, device, bf16)
         loss_sum += float(loss) * b.num_groups
         n_groups += b.num_groups
         correct += float(pair_accuracy(rewards[b.chosen_idx], rewards[b.rejected_idx]).sum())
@@ -128,30 +139,31 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> TrainResult:
     for stale in ("metrics.jsonl", "data_errors.txt"):
         (out / stale).unlink(missing_ok=True)
     (out / "train_config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    device = modeling.resolve_device(cfg.device)
+    try:
+        device = resolve_device(cfg.device)
+        # the model is resized to the tokenizer, so a pad token of its own may be added
+        tokenizer = load_tokenizer(cfg.base_model, add_pad_token=True)
+    except (DeviceError, TokenizerLoadError) as e:
+        raise modeling.ModelSetupError(str(e)) from None
     bf16 = modeling.use_bf16(cfg.precision, device)
-    tokenizer = modeling.load_tokenizer(cfg.base_model)
 
     # ---- data
-    groups, report = load_preferences(
-        cfg.data,
-        tokenizer,
-        on_error=cfg.on_error,
-        margin_from_data=cfg.margin_from_data,
-        split=cfg.data_split,
-    )
-    _report_skips("training data", report, out, log)
-    skipped = len(report.skipped)
-    if cfg.eval_data:
-        train_groups = groups
-        eval_groups, ev_report = load_preferences(
-            cfg.eval_data,
+    def preferences(files: list[str], what: str) -> tuple[list[PreferenceGroup], LoadReport]:
+        groups, report = load_preferences(
+            files,
             tokenizer,
             on_error=cfg.on_error,
             margin_from_data=cfg.margin_from_data,
             split=cfg.data_split,
         )
-        _report_skips("eval data", ev_report, out, log)
+        _report_skips(what, report, out, log)
+        return groups, report
+
+    groups, report = preferences(cfg.data, "training data")
+    skipped = len(report.skipped)
+    if cfg.eval_data:
+        train_groups = groups
+        eval_groups, ev_report = preferences(cfg.eval_data, "eval data")
         skipped += len(ev_report.skipped)
     else:
         train_groups, eval_groups = split_by_prompt(groups, cfg.eval_fraction, cfg.seed)
@@ -186,7 +198,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> TrainResult:
             f"({cfg.truncation_side} side)"
         )
     if cfg.disable_dropout:
-        modeling.disable_dropout(model)
+        disable_dropout(model)
     if cfg.quantization == "none":
         model.to(device)
     if cfg.lora_r:
@@ -256,12 +268,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> TrainResult:
             step_loss = 0.0
             for idx in window:
                 b = collate([train_tok[i] for i in idx], pad_id).to(device)
-                with modeling.autocast(device, bf16):
-                    logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits
-                rewards = logits[:, 0].float()  # [N]
-                loss = grouped_pair_loss(
-                    rewards, b.chosen_idx, b.rejected_idx, b.group_idx, b.num_groups, b.margin
-                )
+                rewards, loss = rewards_and_loss(model, b, device, bf16)
                 total = loss + centering_loss(rewards, cfg.center_coef) if cfg.center_coef else loss
                 (total / len(window)).backward()
                 step_loss += float(loss.detach()) / len(window)

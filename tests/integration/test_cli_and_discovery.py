@@ -115,7 +115,13 @@ def test_serve_refuses_bad_config_clearly(tmp_path):
     assert "cannot start" in r.stderr and "missing" in r.stderr
     assert "Traceback" not in r.stderr
     r = run("serve", "--reward-model", "x", "--truncation", "middle")
-    assert r.returncode == 2 and "truncation must be one of" in r.stderr
+    assert r.returncode == 2
+    assert "truncation must be one of error, left, right, got 'middle'" in r.stderr
+    bad = tmp_path / "serve.yaml"
+    bad.write_text("reward_models: {rm: x}\nmax_batch_token: 4096\n")
+    r = run("serve", "--config", str(bad))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert f"unknown key 'max_batch_token' in {bad}; did you mean 'max_batch_tokens'?" in r.stderr
 
 
 def test_yaml_config_with_flag_override(tiny_ckpts, tmp_path):

@@ -8,11 +8,11 @@ import json
 import pytest
 import torch
 
+from reward_server.tokenizer_loading import load_tokenizer
 from reward_server.training.config import TrainConfig
 from reward_server.training.modeling import (
     add_lora,
     load_backbone,
-    load_tokenizer,
     merge_into_fresh_base,
     score_texts,
 )
@@ -58,7 +58,7 @@ def test_merge_into_fresh_base_equals_in_memory_adapter(tiny_ckpts) -> None:
     base = str(tiny_ckpts.reference)
     cfg = TrainConfig(data=["unused"], base_model=base, output="unused", lora_r=4)
     cfg.validate()
-    tok = load_tokenizer(base)
+    tok = load_tokenizer(base, add_pad_token=True)
     model, new = load_backbone(base, tok, seed=0)
     assert new == ["score.weight"]
     peft_model = add_lora(model, cfg)

@@ -105,11 +105,16 @@ def server(tiny_ckpts, tmp_path_factory):
 def test_two_iterations_through_the_cli(server, tiny_ckpts, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     cfg = write_config(
-        tmp_path / "run.yaml", tiny_ckpts, "127.0.0.1:1", run_dir, ppo={"adaptive_kl": True}
+        tmp_path / "run.yaml",
+        tiny_ckpts,
+        "127.0.0.1:1",
+        run_dir,
+        ppo={"adaptive_kl": True},
+        run={"iterations": 5},  # the --run.iterations flag below wins over the file
     )
     t0 = time.monotonic()
     proc = subprocess.run(
-        [sys.executable, "-m", "policy_trainer.cli", "ppo", "--config", str(cfg), "--server", server.address],
+        [sys.executable, "-m", "policy_trainer.cli", "ppo", "--config", str(cfg), "--server", server.address, "--run.iterations", "2"],
         cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=180,
     )  # fmt: skip
     elapsed = time.monotonic() - t0
@@ -186,7 +191,7 @@ def test_rpcs_overlap_and_bad_items_are_masked(server, tiny_ckpts, tmp_path: Pat
         write_config(tmp_path / "r.yaml", tiny_ckpts, server.address, tmp_path / "run")
     )
     with RewardClient(server.address, timeout=10) as client:
-        remote = RemoteRewards(client, cfg.server, 1.0, None, 0)
+        remote = RemoteRewards(client, cfg.server, 1.0, None)
         seqs = [[5, 6, 7, 8], [9, 10, 11], [5, 99999, 7]]  # the last id is out of vocabulary
         t0 = time.perf_counter()
         rpcs = remote.submit([("the cat", " sat"), ("a dog", ""), ("one", " two")], seqs, [1, 1, 1])

@@ -10,10 +10,19 @@ from concurrent.futures import ThreadPoolExecutor
 from reward_server.batcher import DynamicBatcher
 
 
-def make(max_wait_ms: float = 50, skip: bool = True) -> DynamicBatcher:
+def make(
+    max_wait_ms: float = 50, skip: bool = True, forwards: list[int] | None = None
+) -> DynamicBatcher:
+    """A batcher over an echo model; each forward appends its batch size to `forwards`."""
+    sizes = [] if forwards is None else forwards
+
+    def echo(payloads: list[int]) -> list[int]:
+        sizes.append(len(payloads))
+        return list(payloads)
+
     return DynamicBatcher(
         "m",
-        lambda payloads: list(payloads),
+        echo,
         ThreadPoolExecutor(1),
         max_batch_tokens=1000,
         max_batch_items=16,
@@ -51,13 +60,15 @@ def test_skip_wait_when_idle_off_always_waits():
 
 
 def test_concurrent_clients_still_wait_and_merge():
-    async def main() -> tuple[int, int]:
-        b = make()
+    sizes: list[int] = []
+
+    async def main() -> list[int]:
+        b = make(forwards=sizes)
         b.start()
         for _ in range(3):  # a sequential history first: the estimate says "alone"
             await b.submit([0], [3])
             await asyncio.sleep(0.15)
-        before = b.forwards
+        before = len(sizes)
 
         async def client(i: int) -> None:
             for _ in range(5):
@@ -65,7 +76,8 @@ def test_concurrent_clients_still_wait_and_merge():
 
         await asyncio.gather(*(client(i) for i in range(8)))
         await b.stop()
-        return b.forwards - before, b.items_forwarded
+        return sizes[before:]
 
-    forwards, _ = asyncio.run(main())
-    assert forwards <= 20  # 40 items from 8 concurrent clients: merged, not one forward each
+    batches = asyncio.run(main())
+    assert sum(batches) == 40
+    assert len(batches) <= 20  # 40 items from 8 concurrent clients: merged, not one forward each

@@ -5,16 +5,15 @@ from __future__ import annotations
 import pytest
 
 from reward_server.combine import parse_combiner
-from reward_server.config import ConfigError, ServerConfig, parse_named
+from reward_server.config import ServerConfig, parse_named
+from reward_server.config_base import ConfigError, load_config
 
 
 def test_yaml_then_flags(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("reward_models: {a: /m/a}\nmax_wait_ms: 9\nport: 1234\n")
-    cfg = ServerConfig.from_sources(
-        str(f), {"port": 99, "max_wait_ms": None, "reward_models": {"b": "/m/b"}}
-    )
-    assert cfg.port == 99 and cfg.max_wait_ms == 9
+    cfg = load_config(ServerConfig, str(f), {"port": 99, "reward_models": {"b": "/m/b"}})
+    assert cfg.port == 99 and cfg.max_wait_ms == 9.0 and isinstance(cfg.max_wait_ms, float)
     assert cfg.reward_models == {"a": "/m/a", "b": "/m/b"}
     assert cfg.default_reward_model == "a"
     assert (
@@ -27,8 +26,13 @@ def test_yaml_then_flags(tmp_path):
     "overrides, words",
     [
         ({}, "at least one model"),
-        ({"reward_models": {"a": "x"}, "truncation": "mid"}, "truncation must be one of"),
-        ({"reward_models": {"a": "x"}, "dtype": "int3"}, "dtype must be one of"),
+        (
+            {"reward_models": {"a": "x"}, "truncation": "mid"},
+            "truncation must be one of error, left, right, got 'mid'",
+        ),
+        ({"reward_models": {"a": "x"}, "dtype": "int3"}, "dtype must be one of auto, float32"),
+        ({"reward_models": {"a": "x"}, "port": "80"}, "port must be an integer, got '80'"),
+        ({"reward_models": {"a": "x"}, "adapters": {"zz": "p"}}, "adapter for unknown model"),
         ({"reward_models": {"a": "x"}, "reference_models": {"a": "y"}}, "unique"),
         ({"reward_models": {"a": "x"}, "tls_cert": "c"}, "go together"),
         ({"reward_models": {"a": "x"}, "default_reward_model": "zz"}, "not a served reward model"),
@@ -37,14 +41,18 @@ def test_yaml_then_flags(tmp_path):
 )
 def test_validation_names_the_key(overrides, words):
     with pytest.raises(ConfigError, match=words):
-        ServerConfig.from_sources(None, overrides)
+        load_config(ServerConfig, None, overrides)
 
 
 def test_unknown_yaml_key(tmp_path):
     f = tmp_path / "c.yaml"
-    f.write_text("reward_models: {a: x}\nmax_batch_tokenz: 3\n")
-    with pytest.raises(ConfigError, match="max_batch_tokenz"):
-        ServerConfig.from_sources(str(f), {})
+    f.write_text("reward_models: {a: x}\nmax-batch-tokenz: 3\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(ServerConfig, str(f), {})
+    assert str(info.value) == (
+        f"unknown key 'max_batch_tokenz' in {f}; did you mean 'max_batch_tokens'?"
+    )
+    assert (info.value.key, info.value.file) == ("max_batch_tokenz", str(f))
 
 
 def test_parse_named():
@@ -57,6 +65,10 @@ def test_parse_named():
     }
     with pytest.raises(ConfigError):
         parse_named(["a=1", "a=2"], "--reward-model", "reward")
+    rule = "overall=weighted:helpful=1,safe=0.5"
+    assert parse_named([rule], "--combination") == {"overall": "weighted:helpful=1,safe=0.5"}
+    with pytest.raises(ConfigError, match="--adapter: expected NAME=VALUE"):
+        parse_named(["/no/name"], "--adapter")
 
 
 def test_combiners():

@@ -154,8 +154,7 @@ def test_server_configs_are_provided_and_load(tmp_path: Path) -> None:
 
 def test_trainer_configs_are_provided_and_load(tmp_path: Path) -> None:
     _need_cli("policy-trainer")
-    from policy_trainer.cli import build_parser
-    from policy_trainer.config import load_config
+    from policy_trainer.cli import build_parser, config_from_args
 
     ppos = [i for i in _expanded() if i.program == "policy-trainer" and i.subcommand == "ppo"]
     assert len(ppos) >= 2
@@ -163,10 +162,5 @@ def test_trainer_configs_are_provided_and_load(tmp_path: Path) -> None:
         args = build_parser().parse_args(
             _materialize(ppo.args, ppo.files, tmp_path / str(n), ppo.where)
         )
-        overrides = list(args.overrides)
-        if args.server:  # what policy_trainer.cli.run_ppo does with the flags
-            overrides.append(f"server.address={args.server}")
-        if args.output_dir:
-            overrides.append(f"run.output_dir={args.output_dir}")
-        config = load_config(args.config, overrides)
+        config = config_from_args(args)  # the file, overrides and flags, as `ppo` loads them
         assert config.server.address.startswith("dns:///"), "round_robin over resolved addresses"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import fnmatch
 import importlib
 import importlib.util
+import json
 import re
 import shlex
 import shutil
@@ -159,22 +160,79 @@ def test_pins_match_pyproject_and_makefile() -> None:
 
 @pytest.mark.parametrize("path", DOCKERFILES, ids=IDS)
 def test_cpu_and_cuda_builds_never_mix(path: Path) -> None:
-    """CPU stages: CPU torch wheels and the cpu extra; CUDA stages: a CUDA base and the gpu extra."""
+    """CPU stages: CPU torch wheels, never the gpu extra; CUDA stages: a CUDA base, never the cpu
+    extra. Server images take the cpu/gpu extra (ONNX Runtime of their kind), the trainer image
+    the trainer extra only."""
+    extra = "trainer" if path.name.startswith("trainer") else None
     for stage in df.parse_dockerfile(path):
         runs = _runs(stage)
         if 'pip install ".[' not in runs:
             continue
         if "nvidia/cuda" in stage.base:
-            assert 'pip install ".[gpu]"' in runs and "[cpu]" not in runs, stage.name
+            assert f'pip install ".[{extra or "gpu"}]"' in runs, stage.name
+            assert "[cpu]" not in runs and "[cpu," not in runs, stage.name
             assert "download.pytorch.org/whl/cpu" not in runs, stage.name
         else:
-            assert 'pip install ".[cpu]"' in runs and "[gpu]" not in runs, stage.name
+            assert f'pip install ".[{extra or "cpu"}]"' in runs, stage.name
+            assert "[gpu]" not in runs and "[gpu," not in runs, stage.name
             assert "--index-url https://download.pytorch.org/whl/cpu" in runs, stage.name
         torch_at = runs.index('"torch==${TORCH_VERSION}"')
         assert torch_at < runs.index('pip install ".['), f"{stage.name}: torch goes first"
     runtime_bases = {s.base for s in _runtime_stages(path)}
     if "cuda" in path.name:
         assert all(b.startswith("nvidia/cuda:") and "runtime" in b for b in runtime_bases)
+
+
+def _requirement_names(requirements: list[str]) -> set[str]:
+    return {re.split(r"[=<>\[ ;]", r, maxsplit=1)[0] for r in requirements}
+
+
+def test_the_extras_the_images_install_hold_what_they_run() -> None:
+    """Server images: the cpu/gpu extras (server + trainer + the ONNX Runtime of their kind);
+    the trainer image: the trainer extra, without serving packages."""
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"
+    ]
+    trainer = _requirement_names(extras["trainer"])
+    assert {"torch", "transformers", "peft", "bitsandbytes"} <= trainer
+    assert not trainer & {"grpcio-reflection", "prometheus-client", "onnx", "onnxruntime"}
+    for kind, runtime, other in (
+        ("cpu", "onnxruntime", "onnxruntime-gpu"),
+        ("gpu", "onnxruntime-gpu", "onnxruntime"),
+    ):
+        assert "rlhf-reward-service[server,trainer]" in extras[kind], kind
+        assert runtime in _requirement_names(extras[kind]), kind
+        assert other not in _requirement_names(extras[kind]), kind
+
+
+TRAINER_PROBE = """
+import importlib, json, pkgutil, sys
+import policy_trainer
+from policy_trainer.cli import main
+
+for info in pkgutil.walk_packages(policy_trainer.__path__, "policy_trainer."):
+    if not info.name.startswith("policy_trainer.demo"):  # the demo also serves and trains an RM
+        importlib.import_module(info.name)
+try:
+    main(["ppo", "--help"])
+except SystemExit:
+    pass
+print(json.dumps(sorted(sys.modules)))
+"""
+
+
+def test_the_trainer_imports_nothing_outside_the_trainer_extra() -> None:
+    """The trainer image has the trainer extra only: policy_trainer must not import a package of
+    the server extra (grpc imports the top-level grpc_reflection itself when it is installed)."""
+    proc = subprocess.run(
+        [sys.executable, "-c", TRAINER_PROBE], capture_output=True, text=True, timeout=120, cwd=REPO
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    loaded = set(json.loads(proc.stdout.splitlines()[-1]))
+    assert "torch" in loaded and "policy_trainer.trainer" in loaded  # the probe ran
+    server_only = {"grpc_reflection.v1alpha", "prometheus_client", "onnx", "onnxruntime"}
+    assert not loaded & (server_only | {"onnxscript", "psutil"})
 
 
 @pytest.mark.parametrize("path", SERVER_DOCKERFILES, ids=[p.name for p in SERVER_DOCKERFILES])

@@ -33,11 +33,14 @@ def test_example_config_loads_with_overrides() -> None:
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["ppo.bogus=1"], "unknown key(s) in ppo: bogus"),
-        (["ppo.lr=fast"], "ppo.lr: expected a number"),
-        (["ppo.epochs=2.5"], "ppo.epochs: expected an integer"),
-        (["run.tensorboard=maybe"], "run.tensorboard: expected true or false"),
-        (["ppo.kl_estimator=k7"], "ppo.kl_estimator: 'k7' is not one of"),
+        (["ppo.bogus=1"], "unknown key 'ppo.bogus'"),
+        (["ppo.iterations=3"], "unknown key 'ppo.iterations'; did you mean 'run.iterations'?"),
+        (["ppo.lr=fast"], "ppo.lr must be a number, got 'fast'"),
+        (["ppo.epochs=2.5"], "ppo.epochs must be an integer, got 2.5"),
+        (["run.tensorboard=maybe"], "run.tensorboard must be true or false, got 'maybe'"),
+        (["ppo.kl_estimator=k7"], "ppo.kl_estimator must be one of k1, k2, k3, got 'k7'"),
+        (["ppo.kl_clamp=big"], "ppo.kl_clamp must be a number or null, got 'big'"),
+        (["model=3"], "model must be a mapping, got 3"),
         (
             [
                 "ppo.advantage_estimator=grpo",
@@ -59,6 +62,21 @@ def test_bad_values_name_the_key(overrides: list[str], message: str) -> None:
     with pytest.raises(ConfigError) as e:
         load_config(EXAMPLE, overrides)
     assert message in str(e.value)
+
+
+def test_unknown_and_bad_keys_in_the_file_name_the_file(tmp_path: Path) -> None:
+    run = tmp_path / "run.yaml"
+    run.write_text(EXAMPLE.read_text() + "\nrollout:\n  max_new_token: 3\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(run)
+    assert str(e.value) == (
+        f"unknown key 'rollout.max_new_token' in {run}; did you mean 'rollout.max_new_tokens'?"
+    )
+    assert (e.value.key, e.value.file) == ("rollout.max_new_token", str(run))
+    run.write_text("model:\n  value-model: actor\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(run)
+    assert str(e.value) == f"{run}: model.value_model must be one of shared, critic, got 'actor'"
 
 
 def test_missing_file_and_bad_yaml(tmp_path: Path) -> None:

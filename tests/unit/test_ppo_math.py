@@ -173,7 +173,7 @@ def test_logprobs_and_entropy_with_temperature() -> None:
     logits = T([[[0.0, math.log(3.0)]]])  # p = [0.25, 0.75] at T = 1
     lp = logprobs_from_logits(logits, T([[1]]))
     assert lp.item() == pytest.approx(math.log(0.75), abs=1e-6)
-    lp2 = logprobs_from_logits(logits, T([[1]]), temperature=2.0)  # p ~ [1, sqrt 3]
+    lp2 = logprobs_from_logits(logits / 2.0, T([[1]]))  # temperature 2: p ~ [1, sqrt 3]
     assert lp2.item() == pytest.approx(math.log(3**0.5 / (1 + 3**0.5)), abs=1e-6)
     ent = entropy_from_logits(logits)
     assert ent.item() == pytest.approx(-(0.25 * math.log(0.25) + 0.75 * math.log(0.75)), abs=1e-6)

@@ -71,7 +71,7 @@ def _unpadded_logprobs(model: ActorCritic, seq: list[int], start: int, temp: flo
     with torch.no_grad():
         logits = model.policy(torch.tensor([seq])).logits[0].float()  # [L, V]
     sl = logits[start - 1 : -1].unsqueeze(0)  # [1, n, V]
-    return logprobs_from_logits(sl, torch.tensor([seq[start:]]), temp)[0]
+    return logprobs_from_logits(sl / temp, torch.tensor([seq[start:]]))[0]
 
 
 def test_logprobs_invariant_to_left_padding_and_batch_composition(tiny_policy) -> None:

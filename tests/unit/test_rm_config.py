@@ -6,8 +6,9 @@ import argparse
 
 import pytest
 
+from reward_server.config_base import ConfigError, load_config
 from reward_server.training.cli import add_train_parser, config_from_args, main, run_train
-from reward_server.training.config import TrainConfig, TrainConfigError
+from reward_server.training.config import TrainConfig
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -48,18 +49,28 @@ def test_yaml_then_flags_override(tmp_path) -> None:
     assert cfg.quantization == "4bit" and cfg.progress is False
 
 
+def test_list_flags_split_on_commas_and_repeat() -> None:
+    cfg = config_from_args(
+        parse(BASE + ["--data", "c.jsonl", "--lora-target-modules", "q,v", "--no-progress"])
+    )
+    assert cfg.data == ["a.jsonl", "b.parquet", "c.jsonl"]
+    assert cfg.lora_target_modules == ["q", "v"] and cfg.progress is False
+    assert config_from_args(parse(BASE + ["--keep-dropout"])).disable_dropout is False
+
+
 @pytest.mark.parametrize(
     "yaml_text,fragment",
     [
-        ("bogus_key: 1\n", "unknown config key(s) ['bogus_key']"),
-        ("epochs: '3'\n", "epochs must be an integer"),
+        ("bogus_key: 1\n", "unknown key 'bogus_key' in {file}; valid keys: data, base_model"),
+        ("batch_sise: 4\n", "unknown key 'batch_sise' in {file}; did you mean 'batch_size'?"),
+        ("epochs: '3'\n", "{file}: epochs must be an integer, got '3'"),
         ("lr: -1\n", "lr must be > 0"),
-        ("on_error: ignore\n", "on_error must be one of ('skip', 'stop')"),
+        ("on_error: ignore\n", "{file}: on_error must be one of skip, stop, got 'ignore'"),
         ("margin_from_data: 1\n", "margin_from_data must be true or false"),
         ("eval_fraction: 0\n", "eval_fraction must be in (0, 1)"),
         ("quantization: 8bit\n", "trains LoRA adapters only"),
         ("data: 5\n", "data must be a list"),
-        ("- a\n", "must hold a mapping"),
+        ("- a\n", "expected a mapping at the top level"),
     ],
 )
 def test_bad_values_are_named(tmp_path, yaml_text: str, fragment: str) -> None:
@@ -68,19 +79,31 @@ def test_bad_values_are_named(tmp_path, yaml_text: str, fragment: str) -> None:
     overrides = {"data": ["d.jsonl"], "base_model": "m", "output": "o"}
     if yaml_text.startswith("data"):
         overrides.pop("data")
-    with pytest.raises(TrainConfigError) as info:
-        TrainConfig.from_sources(str(y), overrides)
-    assert fragment in str(info.value)
+    with pytest.raises(ConfigError) as info:
+        load_config(TrainConfig, str(y), overrides)
+    assert fragment.format(file=y) in str(info.value)
 
 
 def test_missing_required_and_cpu_only_options() -> None:
-    with pytest.raises(TrainConfigError, match="--data"):
-        TrainConfig.from_sources(None, {"base_model": "m", "output": "o"})
-    with pytest.raises(TrainConfigError, match="precision bf16 needs CUDA"):
-        TrainConfig.from_sources(
+    with pytest.raises(ConfigError, match="--data"):
+        load_config(TrainConfig, None, {"base_model": "m", "output": "o"})
+    with pytest.raises(ConfigError, match="precision bf16 needs CUDA"):
+        load_config(
+            TrainConfig,
             None,
             {"data": ["d"], "base_model": "m", "output": "o", "precision": "bf16", "device": "cpu"},
         )
+
+
+def test_bad_flag_values_are_argparse_errors(capsys) -> None:
+    with pytest.raises(SystemExit) as info:
+        parse(BASE + ["--precision", "fp16"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --precision: precision must be one of auto, fp32, bf16, got 'fp16'" in err
+    with pytest.raises(SystemExit):
+        parse(BASE + ["--epochs", "two"])
+    assert "argument --epochs: epochs must be an integer, got 'two'" in capsys.readouterr().err
 
 
 def test_cli_reports_errors_without_traceback(tmp_path, capsys) -> None:

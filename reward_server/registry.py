@@ -1,0 +1,204 @@
+"""The model registry: the served models by name and role, loaded for the torch or the ONNX
+backend, the resolution of a requested name for an RPC, and their description for GetServerInfo.
+
+Roles: ``reward`` (a reward runner), ``combination`` (a rule over reward models, answered like a
+reward model) and ``reference`` (a reference runner). Imports no grpc.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from reward_server import calibration  # noqa: F401 - the OpenMP policy, before torch loads
+from reward_server.combine import Combiner, parse_combiner
+from reward_server.config import ServerConfig
+from reward_server.errors import FailedPrecondition, InvalidArgument
+from reward_server.models.reference import ReferenceRunner
+from reward_server.models.reward import RewardRunner
+
+log = logging.getLogger(__name__)
+
+Role = Literal["reward", "reference"]
+RPC_OF_ROLE = {"reward": "Score", "reference": "ReferenceLogProbs"}
+
+
+@dataclass
+class ModelDescription:
+    """What GetServerInfo says of one model."""
+
+    name: str
+    role: str  # reward | reference | combination
+    heads: list[str] = field(default_factory=list)
+    fingerprint: str = ""
+    dtype: str = ""
+    backend: str = "torch"
+    device: str = ""
+    max_input_tokens: int = 0
+    is_default: bool = False
+    vocab_size: int = 0
+    source: str = ""
+    has_chat_template: bool = False
+    has_normalization: bool = False
+    combine: str = ""
+
+
+class ModelRegistry:
+    """The configured models, loaded once (`load`) and looked up per request (`resolve`)."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.device = "cpu"
+        self.rewards: dict[str, Any] = {}  # RewardRunner or OnnxRewardRunner
+        self.references: dict[str, ReferenceRunner] = {}
+        self.combinations: dict[str, Combiner] = {}
+
+    # ------------------------------------------------------------------ loading
+    def load(self, device: str, intra_op_threads: int) -> None:
+        """Load every configured model on `device` (blocking) and parse the combination rules;
+        `intra_op_threads` goes to the ONNX backend (torch's is set process-wide)."""
+        from reward_server.devices import resolve_dtype
+
+        cfg = self.config
+        self.device = device
+        dtype = resolve_dtype(cfg.dtype, device)
+        for name, source in cfg.reward_models.items():
+            with _timed("reward", name, source):
+                self.rewards[name] = self._reward_runner(name, source, dtype, intra_op_threads)
+        for name, source in cfg.reference_models.items():
+            with _timed("reference", name, source):
+                self.references[name] = ReferenceRunner(
+                    name,
+                    source,
+                    slice_bytes=int(cfg.logprob_slice_mb * (1 << 20)),
+                    **self._torch_options(name, dtype),
+                )
+        for name, spec in cfg.combinations.items():
+            self.combinations[name] = parse_combiner(spec, list(self.rewards))
+
+    def _reward_runner(self, name: str, source: str, dtype: Any, intra_op_threads: int) -> Any:
+        cfg = self.config
+        head_combine = cfg.head_combine.get(name, "")
+        if cfg.backend == "onnx":
+            from reward_server.models.onnx_reward import OnnxRewardRunner
+
+            return OnnxRewardRunner(
+                name,
+                source,
+                device=self.device,
+                max_input_tokens=cfg.max_input_tokens,
+                head_combine=head_combine,
+                intra_op_threads=intra_op_threads,
+            )
+        return RewardRunner(
+            name,
+            source,
+            quantization=cfg.quantization,
+            head_combine=head_combine,
+            **self._torch_options(name, dtype),
+        )
+
+    def _torch_options(self, name: str, dtype: Any) -> dict[str, Any]:
+        """What loading a torch checkpoint takes, the same for reward and reference models."""
+        cfg = self.config
+        return {
+            "device": self.device,
+            "dtype": dtype,
+            "adapter": cfg.adapters.get(name, ""),
+            "trust_remote_code": cfg.trust_remote_code,
+            "max_input_tokens": cfg.max_input_tokens,
+        }
+
+    def runners(self) -> dict[str, Any]:
+        """Every model that runs forwards (reward and reference runners), by name."""
+        return {**self.rewards, **self.references}
+
+    # ------------------------------------------------------------------ requests
+    def resolve(self, name: str, role: Role) -> str:
+        """The served model answering an RPC of `role` for a requested name ("" = the default).
+
+        A name served under another role is FAILED_PRECONDITION (so is a role this server does
+        not serve at all); an unknown name is INVALID_ARGUMENT listing the served models.
+        """
+        cfg = self.config
+        name = name or (
+            cfg.default_reward_model if role == "reward" else cfg.default_reference_model
+        )
+        own = self.rewards if role == "reward" else self.references
+        if name in own or (role == "reward" and name in self.combinations):
+            return name
+        other = self.references if role == "reward" else {**self.rewards, **self.combinations}
+        if name in other:
+            raise FailedPrecondition(
+                f"model {name!r} is not a {role} model, so it cannot answer {RPC_OF_ROLE[role]}"
+            )
+        if not name:
+            raise FailedPrecondition(f"this server serves no {role} model")
+        known = sorted([*self.rewards, *self.combinations, *self.references])
+        raise InvalidArgument(f"unknown model {name!r}; served models: {known}")
+
+    # ------------------------------------------------------------------ info
+    def describe(self) -> list[ModelDescription]:
+        """Every served model, for GetServerInfo: reward models, combinations, references."""
+        cfg = self.config
+        out = [
+            ModelDescription(
+                role="reward",
+                heads=list(r.heads),
+                backend=r.backend,
+                is_default=name == cfg.default_reward_model,
+                vocab_size=len(r.tokenizer),
+                has_normalization=r.normalization is not None,
+                combine=r.combiner.spec,
+                **self._runner_fields(name, r),
+            )
+            for name, r in self.rewards.items()
+        ]
+        out += [
+            ModelDescription(
+                name=name,
+                role="combination",
+                heads=c.members,
+                backend="",
+                device=self.device,
+                max_input_tokens=min(self.rewards[m].max_len for m in c.members),
+                is_default=name == cfg.default_reward_model,
+                combine=c.spec,
+            )
+            for name, c in self.combinations.items()
+        ]
+        out += [
+            ModelDescription(
+                role="reference",
+                backend="torch",
+                is_default=name == cfg.default_reference_model,
+                vocab_size=r.vocab_size,
+                **self._runner_fields(name, r),
+            )
+            for name, r in self.references.items()
+        ]
+        return out
+
+    def _runner_fields(self, name: str, runner: Any) -> dict[str, Any]:
+        """The description fields every loaded runner has, whatever its role."""
+        return {
+            "name": name,
+            "fingerprint": runner.fingerprint,
+            "dtype": runner.dtype,
+            "device": self.device,
+            "max_input_tokens": runner.max_len,
+            "source": runner.source,
+            "has_chat_template": runner.has_chat_template,
+        }
+
+
+@contextlib.contextmanager
+def _timed(role: str, name: str, source: str) -> Iterator[None]:
+    """Log how long loading one model took."""
+    t0 = time.monotonic()
+    yield
+    log.info("loaded %s model %r from %s in %.1fs", role, name, source, time.monotonic() - t0)
