@@ -61,7 +61,7 @@ class ModelConfig:
     """shared: a zero-initialised linear value head on the policy trunk; critic: a separate model."""
     critic_path: str | None = None
     """Critic checkpoint (value_model=critic), e.g. the reward model to initialise from its weights
-    (TRL/N+); None = the policy checkpoint with a zero-initialised head. Must share the policy's
+    (TRL; Huang et al. 2024, https://arxiv.org/abs/2403.17031); None = the policy checkpoint with a zero-initialised head. Must share the policy's
     vocabulary."""
     trust_remote_code: bool = False
     """Allow custom modelling code from the checkpoint."""

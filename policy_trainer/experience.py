@@ -42,8 +42,10 @@ def final_scores(
     missing_eos_penalty: float | None,
     clip: float | None,
 ) -> torch.Tensor:
-    """Scores with the missing-EOS penalty subtracted (TRL ``missing_eos_penalty``; N+ details item
-    4) and then clipped to [-clip, clip] (OpenRLHF ``reward_clip_range``). NaN stays NaN. [N] -> [N]."""
+    """Scores with the missing-EOS penalty subtracted (TRL ``missing_eos_penalty``, as in Huang et
+    al. 2024, "The N+ Implementation Details of RLHF with PPO", https://arxiv.org/abs/2403.17031)
+    and then clipped to [-clip, clip] (OpenRLHF ``reward_clip_range``). NaN stays NaN.
+    [N] -> [N]."""
     out = scores.clone()
     if missing_eos_penalty is not None:
         out = torch.where(has_eos, out, out - missing_eos_penalty)

@@ -90,7 +90,8 @@ def ppo_update(
     with_values: bool,
 ) -> dict[str, float]:
     """``cfg.epochs`` passes over reshuffled minibatches; one optimizer step per minibatch with
-    gradient accumulation over micro-batches (cleanrl ``ppo.py``; N+ details item 15). ``model``
+    gradient accumulation over micro-batches (cleanrl ``ppo.py``; Huang et al. 2024, "The N+
+    Implementation Details of RLHF with PPO", https://arxiv.org/abs/2403.17031). ``model``
     may be DDP-wrapped: micro-steps before the last skip the gradient all-reduce."""
     n = len(batch)
     micro = cfg.micro_batch_size or cfg.minibatch_size
@@ -143,7 +144,8 @@ def ppo_update(
 def build_optimizer(
     model: nn.Module, cfg: PPOConfig, total_steps: int
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
-    """AdamW (eps 1e-5 by default, N+ details item 15) over the trainable parameters, with linear
+    """AdamW (eps 1e-5 by default, as in Huang et al. 2024, https://arxiv.org/abs/2403.17031)
+    over the trainable parameters, with linear
     decay to 0 over ``total_steps`` optimizer steps (or a constant LR)."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(

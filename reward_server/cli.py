@@ -93,13 +93,13 @@ def _add_client_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--server",
         default="127.0.0.1:50051",
-        help="address(es): host:port[,host:port] or dns:///name:port",
+        help="address(es): host:port[,host:port] or dns:///name:port (default: %(default)s)",
     )
     p.add_argument(
         "--timeout",
         type=float,
         default=30.0,
-        help="deadline per call in seconds (retries included)",
+        help="deadline per call in seconds, retries included (default: %(default)s)",
     )
     p.add_argument("--tls-ca", help="CA bundle to verify the server (enables TLS)")
     p.add_argument("--tls-cert", help="client certificate for mutual TLS")
@@ -124,7 +124,9 @@ def add_client_parsers(sub: Any) -> None:
     )
     p.add_argument("--output", required=True, help="JSONL written in input order")
     p.add_argument("--model", default="", help="reward model name (default: the server's default)")
-    p.add_argument("--batch-size", type=int, default=64, help="items per request")
+    p.add_argument(
+        "--batch-size", type=int, default=64, help="items per request (default: %(default)s)"
+    )
     p.set_defaults(func=cmd_score)
     h = sub.add_parser("health", help="exit 0 when the server's gRPC health service says SERVING")
     _add_client_flags(h)
