@@ -5,7 +5,7 @@ Run ``python -m bench --help``; every figure in docs/BENCHMARKS.md names the com
 
 import os
 
-# The same OpenMP wait policy the server sets (reward_server/calibration.py), before torch loads, so
+# The same OpenMP wait policy the server sets (reward_server/engine/calibration.py), before torch loads, so
 # the in-process limit is measured under the same threading as the server.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -27,7 +27,7 @@ from bench.loadgen import build_requests, load
 from bench.models import DEFAULT_DIR, build
 from bench.servers import metric_delta, start_naive_server, start_reward_server
 from bench.workload import LengthDist, RequestShape, make_pairs
-from reward_server.calibration import apply_intra_op_threads
+from reward_server.engine.calibration import apply_intra_op_threads
 
 TARGETS = ("server", "inprocess", "inprocess_tight", "inprocess_b1", "naive", "arrival", "fill")
 

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from reward_server.calibration import overhead_from_timings, padded_tokens
+from reward_server.engine.calibration import overhead_from_timings, padded_tokens
 from reward_server.models.reward import ScoreInput
 
 
@@ -58,7 +58,7 @@ def tight_batches(
 ) -> list[list[int]]:
     """Indices sorted by length, packed greedily under ``count * longest <= max_tokens`` and the
     item cap; an item joins only when the padding it adds is at most its share of a forward's
-    fixed cost (the server's cost-aware rule, reward_server.batcher; infinite = no such rule)."""
+    fixed cost (the server's cost-aware rule, reward_server.engine.batcher; infinite = no such rule)."""
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
     batches: list[list[int]] = []
     cur: list[int] = []
@@ -79,7 +79,7 @@ def tight_batches(
 
 def measure_overhead_tokens(runner: Any, max_tokens: int, max_items: int) -> float:
     """A forward's fixed cost in tokens, as the server measures it at warm-up (the same fit,
-    `reward_server.calibration.overhead_from_timings`), with one stream and no event loop."""
+    `reward_server.engine.calibration.overhead_from_timings`), with one stream and no event loop."""
     big = runner.warmup_items(max_tokens, max_items)
     small = runner.warmup_items(64, 1)
 

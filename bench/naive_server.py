@@ -25,8 +25,8 @@ from grpc_health.v1.health import aio as health_aio
 
 from reward_server.api.rlhf.v1 import reward_service_pb2 as pb
 from reward_server.api.rlhf.v1 import reward_service_pb2_grpc as pb_grpc
-from reward_server.metrics import ServerMetrics
 from reward_server.models.reward import ScoreInput
+from reward_server.serve.metrics import ServerMetrics
 
 log = logging.getLogger("bench.naive_server")
 

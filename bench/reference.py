@@ -60,9 +60,9 @@ def sequences(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
 
 def protobuf_cost(arrays: list[np.ndarray], repeats: int = 10) -> dict:
     """Median ms to build + serialise the response (server) and parse + convert it (client)."""
-    from reward_server import convert
     from reward_server.api.rlhf.v1 import reward_service_pb2 as pb
-    from reward_server.engine import Timing
+    from reward_server.engine.engine import Timing
+    from reward_server.serve import convert
 
     enc, dec = [], []
     data = b""

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import sys
 
-from reward_server import batcher as batcher_mod
+from reward_server.engine import batcher as batcher_mod
 
 
 def arrival_window(self: batcher_mod.DynamicBatcher) -> list[int]:
@@ -43,7 +43,7 @@ def main() -> int:
     if variant == "arrival":
         batcher_mod.DynamicBatcher._window = arrival_window  # the one change
     elif variant == "fill":  # length-sorted windows that fill the budget (no cost-aware rule)
-        from reward_server import calibration
+        from reward_server.engine import calibration
 
         calibration.measure_overhead_tokens = _infinite_overhead
     else:

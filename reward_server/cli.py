@@ -76,9 +76,9 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
 def cmd_serve(args: argparse.Namespace) -> int:
     import asyncio
 
-    from reward_server.logging_setup import setup_logging
     from reward_server.models.loading import ModelLoadError
-    from reward_server.server import serve
+    from reward_server.serve.logging_setup import setup_logging
+    from reward_server.serve.server import serve
 
     cfg = config_from_args(args)
     setup_logging(cfg.log_level, cfg.log_format)

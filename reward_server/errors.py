@@ -2,8 +2,8 @@
 "Status codes"; the cases behind each code are in docs/API.md, "Status codes").
 
 The model layer, the batcher, the registry and the engine raise these; they import no grpc. The
-one place that maps them onto gRPC status codes is `reward_server.status`. Credentials are
-checked before a request reaches the servicer (`reward_server.auth` answers UNAUTHENTICATED
+one place that maps them onto gRPC status codes is `reward_server.serve.status`. Credentials are
+checked before a request reaches the servicer (`reward_server.serve.auth` answers UNAUTHENTICATED
 itself), and a client that goes away cancels its call: neither needs a class here.
 """
 

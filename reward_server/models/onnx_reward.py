@@ -43,7 +43,7 @@ def providers_for(device: str) -> list[Any]:
 
 def session_options(intra_op_threads: int = 0) -> Any:
     """Full graph optimisation; intra-op threads do not spin while waiting (as OMP_WAIT_POLICY
-    PASSIVE for torch, see reward_server/calibration.py): the server's event loop and tokenizer
+    PASSIVE for torch, see reward_server/engine/calibration.py): the server's event loop and tokenizer
     threads share the cores. ``intra_op_threads`` 0 = onnxruntime's default (one per core)."""
     import onnxruntime as ort
 

@@ -9,12 +9,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from reward_server.combine import Combiner, parse_combiner
+from reward_server.engine.combine import Combiner, parse_combiner
 from reward_server.errors import InvalidArgument
 from reward_server.fingerprint import tokenizer_fingerprint
 from reward_server.models.loading import LoadOptions, load_model, max_positions
 from reward_server.models.runner import run_with_oom_split
-from reward_server.text_format import render_messages, render_pair
+from reward_server.models.text_format import render_messages, render_pair
 from reward_server.tokenizer_loading import classifier_pad_id, load_tokenizer
 
 if TYPE_CHECKING:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from reward_server.text_format import check_messages, render_messages, render_pair
+from reward_server.models.text_format import check_messages, render_messages, render_pair
 
 T = TypeVar("T")
 

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from reward_server.client import RewardClient
-from reward_server.text_format import render_messages, render_pair
+from reward_server.models.text_format import render_messages, render_pair
 from tests.conftest import start_server
 from tests.integration.test_rm_train_learning import run_cli, synthetic_preferences, write_jsonl
 

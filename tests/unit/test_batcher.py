@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from reward_server.batcher import DynamicBatcher, plan_window
+from reward_server.engine.batcher import DynamicBatcher, plan_window
 from reward_server.errors import DeadlineExceeded, ResourceExhausted, Unavailable
 
 

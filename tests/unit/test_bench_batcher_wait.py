@@ -7,7 +7,7 @@ import asyncio
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from reward_server.batcher import DynamicBatcher
+from reward_server.engine.batcher import DynamicBatcher
 
 
 def make(

@@ -47,9 +47,9 @@ def test_pad_right_keeps_tokens_at_positions_0_to_n():
 
 
 def test_logprobs_response_from_lists_equals_from_arrays():
-    from reward_server import convert
     from reward_server.api.rlhf.v1 import reward_service_pb2 as pb
-    from reward_server.engine import Timing
+    from reward_server.engine.engine import Timing
+    from reward_server.serve import convert
 
     rng = np.random.default_rng(0)
     arrays = [rng.standard_normal(n).astype(np.float32) for n in (1, 7, 512)]

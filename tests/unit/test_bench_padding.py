@@ -6,7 +6,7 @@ import math
 import random
 
 from bench.inprocess import arrival_batches, sorted_batches
-from reward_server.batcher import plan_window
+from reward_server.engine.batcher import plan_window
 
 
 def efficiency(lengths: list[int], batches: list[list[int]]) -> float:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from reward_server.combine import parse_combiner
 from reward_server.config import ServerConfig, parse_named
 from reward_server.config_base import ConfigError, load_config
+from reward_server.engine.combine import parse_combiner
 
 
 def test_yaml_then_flags(tmp_path):

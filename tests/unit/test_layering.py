@@ -28,11 +28,7 @@ TRAINER_MAY_USE = (
     "reward_server.local_server",
 )
 NO_GRPC = (
-    "reward_server.batcher",
     "reward_server.engine",
-    "reward_server.registry",
-    "reward_server.calibration",
-    "reward_server.combine",
     "reward_server.errors",
     "reward_server.models",
     "reward_server.training",
@@ -88,7 +84,11 @@ ALL = _sources("reward_server", "policy_trainer")
 
 def test_the_sources_are_found() -> None:
     names = {_module_name(p) for p in ALL}
-    assert {"reward_server.engine", "reward_server.client", "policy_trainer.trainer"} <= names
+    assert {
+        "reward_server.engine.engine",
+        "reward_server.client",
+        "policy_trainer.trainer",
+    } <= names
 
 
 @pytest.mark.parametrize(
@@ -116,12 +116,48 @@ def test_engine_batcher_and_models_import_no_grpc(path: Path) -> None:
         assert not _under(name, ("grpc", "grpc_health", "grpc_reflection")), (
             f"{_module_name(path)} imports {name}"
         )
-        assert not _under(name, ("reward_server.servicer", "reward_server.server")), name
+        assert not _under(name, ("reward_server.serve",)), name
 
 
 def test_the_batcher_knows_no_tensors() -> None:
-    names = _imports(REPO / "reward_server" / "batcher.py")
+    names = _imports(REPO / "reward_server" / "engine" / "batcher.py")
     assert not any(_under(n, ("torch", "numpy", "transformers")) for n in names), names
+
+
+SHARED = (
+    "reward_server.config_base",
+    "reward_server.config",
+    "reward_server.errors",
+    "reward_server.fingerprint",
+    "reward_server.score_result",
+    "reward_server.devices",
+    "reward_server.tokenizer_loading",
+    "reward_server.seeding",
+    "reward_server.dropout",
+)
+
+
+@pytest.mark.parametrize("path", [p for p in ALL if _module_name(p) in SHARED], ids=_module_name)
+def test_the_shared_pieces_import_no_serving_layer(path: Path) -> None:
+    for name in _imports(path):
+        assert not _under(
+            name, ("reward_server.serve", "reward_server.engine", "reward_server.models")
+        ), f"{_module_name(path)} imports {name}"
+        assert not _under(name, ("grpc", "torch", "transformers")) or name in _lazy(path), name
+
+
+def _lazy(path: Path) -> set[str]:
+    """Imports made inside functions (torch and transformers are allowed only there)."""
+    tree = ast.parse(path.read_text(), str(path))
+    out: set[str] = set()
+    for fn in ast.walk(tree):
+        if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            for node in ast.walk(fn):
+                if isinstance(node, ast.Import):
+                    out.update(a.name for a in node.names)
+                elif isinstance(node, ast.ImportFrom) and node.module:
+                    out.add(node.module)
+    return out
 
 
 @pytest.mark.parametrize(

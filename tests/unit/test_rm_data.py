@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from reward_server.text_format import render_messages, render_pair
+from reward_server.models.text_format import render_messages, render_pair
 from reward_server.tiny import train_tokenizer
 from reward_server.training.batching import collate, tokenize_groups
 from reward_server.training.data import (
@@ -295,7 +295,7 @@ def test_text_format_imports_no_torch() -> None:
     import sys
 
     code = (
-        "import sys, reward_server.text_format; "
+        "import sys, reward_server.models.text_format; "
         "bad = [m for m in ('torch', 'transformers') if m in sys.modules]; "
         "sys.exit(f'imported {bad}' if bad else 0)"
     )

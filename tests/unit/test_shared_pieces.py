@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from reward_server.calibration import default_intra_op_threads, overhead_from_timings
 from reward_server.devices import DeviceError, resolve_device, resolve_dtype
 from reward_server.dropout import disable_dropout
+from reward_server.engine.calibration import default_intra_op_threads, overhead_from_timings
 from reward_server.fingerprint import tokenizer_fingerprint
 from reward_server.seeding import seed_everything
 from reward_server.tokenizer_loading import PAD_TOKEN, classifier_pad_id, load_tokenizer

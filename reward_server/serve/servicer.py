@@ -11,13 +11,13 @@ from typing import TypeVar
 
 import grpc
 
-from reward_server import convert
 from reward_server.api.rlhf.v1 import reward_service_pb2 as pb
 from reward_server.api.rlhf.v1 import reward_service_pb2_grpc as pb_grpc
-from reward_server.engine import Engine
+from reward_server.engine.engine import Engine
 from reward_server.errors import ServiceError, Unavailable
-from reward_server.metrics import ServerMetrics
-from reward_server.status import grpc_code
+from reward_server.serve import convert
+from reward_server.serve.metrics import ServerMetrics
+from reward_server.serve.status import grpc_code
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

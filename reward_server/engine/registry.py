@@ -14,9 +14,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from reward_server import calibration  # noqa: F401 - the OpenMP policy, before torch loads
-from reward_server.combine import Combiner, parse_combiner
 from reward_server.config import ServerConfig
+from reward_server.engine import calibration  # noqa: F401 - the OpenMP policy, before torch loads
+from reward_server.engine.combine import Combiner, parse_combiner
 from reward_server.errors import FailedPrecondition, InvalidArgument
 from reward_server.models.reference import ReferenceRunner
 from reward_server.models.reward import RewardRunner

@@ -14,11 +14,11 @@ from grpc_reflection.v1alpha import reflection
 
 from reward_server.api.rlhf.v1 import reward_service_pb2 as pb
 from reward_server.api.rlhf.v1 import reward_service_pb2_grpc as pb_grpc
-from reward_server.auth import HEALTH_METHODS, BearerAuthInterceptor, server_credentials
 from reward_server.config import ServerConfig
-from reward_server.engine import Engine
-from reward_server.metrics import ServerMetrics
-from reward_server.servicer import RewardServicer
+from reward_server.engine.engine import Engine
+from reward_server.serve.auth import HEALTH_METHODS, BearerAuthInterceptor, server_credentials
+from reward_server.serve.metrics import ServerMetrics
+from reward_server.serve.servicer import RewardServicer
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RewardService"].full_name

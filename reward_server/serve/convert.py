@@ -7,10 +7,10 @@ from collections.abc import Sequence
 import numpy as np
 
 from reward_server.api.rlhf.v1 import reward_service_pb2 as pb
-from reward_server.engine import Timing
+from reward_server.engine.engine import Timing
+from reward_server.engine.registry import ModelDescription
 from reward_server.models.reference import RefSequence
 from reward_server.models.reward import ScoreInput
-from reward_server.registry import ModelDescription
 from reward_server.score_result import ScoreResult
 
 TRUNCATION_FROM_PB = {

@@ -157,7 +157,7 @@ class DynamicBatcher:
         self._lone_share = 0.0  # EWMA: share of requests that found nothing queued or running
         self._arrivals = 0
         # a forward's fixed cost in tokens: set by the operator or measured at warm-up
-        # (reward_server.calibration); infinite fills the token budget
+        # (reward_server.engine.calibration); infinite fills the token budget
         self.overhead_tokens = math.inf
 
     # ------------------------------------------------------------------ lifecycle

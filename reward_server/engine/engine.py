@@ -17,13 +17,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from reward_server import __version__, calibration
-from reward_server.batcher import BatchObserver, DynamicBatcher
+from reward_server import __version__
 from reward_server.config import ServerConfig
+from reward_server.engine import calibration
+from reward_server.engine.batcher import BatchObserver, DynamicBatcher
+from reward_server.engine.registry import ModelRegistry
 from reward_server.errors import FailedPrecondition, InvalidArgument
 from reward_server.models.reference import RefSequence, validate_temperature
 from reward_server.models.reward import ScoreInput
-from reward_server.registry import ModelRegistry
 from reward_server.score_result import ScoreResult
 
 log = logging.getLogger(__name__)
