@@ -23,8 +23,10 @@ _SPECIAL_ATTRS = ("bos_token_id", "eos_token_id", "unk_token_id")
 def tokenizer_fingerprint(tokenizer: _HasVocab) -> str:
     """Return ``"v1:<16 hex digits>"`` hashing the token->id map and the special-token ids.
 
-    The pad token is deliberately left out: trainers often add or change a pad token without
-    changing the meaning of any id that reaches the reference model.
+    The pad token id is deliberately left out: choosing an existing token as the pad (the
+    policy of `reward_server.tokenizer_loading`) changes no id that reaches the reference model.
+    Adding a new pad token does change the vocabulary, and so the fingerprint, which is why the
+    trainer's policy never adds one.
     """
     vocab = tokenizer.get_vocab()
     specials: dict[str, Any] = {a: getattr(tokenizer, a, None) for a in _SPECIAL_ATTRS}
