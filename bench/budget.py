@@ -29,6 +29,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lengths", default="16..256")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--batch1", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--max-items", type=int, default=64, help="item cap per forward")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (bfloat16 on CUDA)")
     p.add_argument("--models-dir", type=Path, default=DEFAULT_DIR)
     p.add_argument("--out", type=Path, default=Path("runs/bench"))
 
@@ -38,14 +40,16 @@ def run(a: argparse.Namespace) -> dict:
 
     import torch
 
+    from reward_server.devices import resolve_dtype
     from reward_server.models.reward import RewardRunner
 
     model = str(build(a.kind, "reward", a.models_dir))
-    runner = RewardRunner("rm", model, device="cpu", dtype=torch.float32)
+    dtype = torch.float32 if a.device == "cpu" else resolve_dtype("auto", a.device)
+    runner = RewardRunner("rm", model, device=a.device, dtype=dtype)
     pairs, _ = make_pairs(a.items, LengthDist.parse(a.lengths), 0, runner.tokenizer)
     budgets = [int(b) for b in a.budgets.split(",")]
-    points = [(b, 64) for b in budgets] + ([(max(budgets), 1)] if a.batch1 else [])
-    runner.forward(runner.warmup_items(2048, 64))
+    points = [(b, a.max_items) for b in budgets] + ([(max(budgets), 1)] if a.batch1 else [])
+    runner.forward(runner.warmup_items(max(budgets), a.max_items))
     rows = []
     bar = tqdm(total=a.repeats * len(points), desc=f"budget {a.kind}")
     for rep in range(a.repeats):
@@ -70,6 +74,11 @@ def run(a: argparse.Namespace) -> dict:
     for budget, cap in points:
         vals = [r["tokens_per_s"] for r in rows if r["budget"] == budget and r["max_items"] == cap]
         summary["batch 1" if cap == 1 else str(budget)] = statistics.median(vals)
+    for budget, cap in points:
+        effs = [
+            r["padding_efficiency"] for r in rows if r["budget"] == budget and r["max_items"] == cap
+        ]
+        summary[f"padding efficiency {'batch 1' if cap == 1 else budget}"] = statistics.median(effs)
     out = {
         "config": {k: str(v) for k, v in vars(a).items() if k != "func"},
         "machine": machine.describe(),
@@ -78,7 +87,7 @@ def run(a: argparse.Namespace) -> dict:
     }
     print(json.dumps(summary, indent=1))
     a.out.mkdir(parents=True, exist_ok=True)
-    (a.out / f"budget-{a.kind}-{time.strftime('%Y%m%d-%H%M%S')}.json").write_text(
+    (a.out / f"budget-{a.kind}-{a.device}-{time.strftime('%Y%m%d-%H%M%S')}.json").write_text(
         json.dumps(out, indent=1)
     )
     return out

@@ -24,7 +24,7 @@ from tqdm import tqdm
 from bench import machine
 from bench.inprocess import measure_overhead_tokens, run_inprocess
 from bench.loadgen import build_requests, load
-from bench.models import DEFAULT_DIR, build
+from bench.models import DEFAULT_DIR, build, num_parameters
 from bench.servers import metric_delta, start_naive_server, start_reward_server
 from bench.workload import LengthDist, RequestShape, make_pairs
 from reward_server.engine.calibration import apply_intra_op_threads
@@ -142,7 +142,13 @@ def run(a: argparse.Namespace) -> dict:
             servers["fill"] = start_reward_server("fill", serve_args, logs, variant="fill")
         if "naive" in targets:
             servers["naive"] = start_naive_server(
-                "naive", model, logs, backend=a.backend, workers=a.streams, threads=threads
+                "naive",
+                model,
+                logs,
+                backend=a.backend,
+                workers=a.streams,
+                threads=threads,
+                device=a.device,
             )
         runner.forward(runner.warmup_items(a.max_batch_tokens, a.max_batch_items))
         overhead = (
@@ -215,13 +221,22 @@ def run(a: argparse.Namespace) -> dict:
     finally:
         for s in servers.values():
             s.stop()
+    summary = summarize(rows)
+    info = machine.describe()
+    params = num_parameters(Path(model)) if a.backend == "torch" else None
+    if params and a.device.startswith("cuda") and "gpu" in info:
+        for t in targets:
+            if t in summary:
+                u = machine.mfu(params, summary[t]["tokens_per_s"], info["gpu"])
+                summary[t]["mfu"] = None if u is None else round(u, 4)
     result = {
         "config": {k: str(v) for k, v in vars(a).items() if k != "func"},
         "inprocess_overhead_tokens": overhead,
         "model": model,
-        "machine": machine.describe(),
+        "parameters": params,
+        "machine": info,
         "rows": rows,
-        "summary": summarize(rows),
+        "summary": summary,
     }
     a.out.mkdir(parents=True, exist_ok=True)
     name = f"compare-{a.kind}-c{a.clients}-i{shape}-{time.strftime('%Y%m%d-%H%M%S')}.json"
@@ -305,4 +320,6 @@ def markdown(result: dict) -> str:
     for k, v in result["summary"].items():
         if "/" in k:
             lines.append(f"- {k}: median {v['median']:.3f} (each repeat: {v['each']})")
+        elif v.get("mfu") is not None:
+            lines.append(f"- {k}: MFU {v['mfu']:.3f} at {v['tokens_per_s']:.0f} tokens/s")
     return "\n".join(lines)

@@ -30,9 +30,15 @@ def describe() -> dict:
 
         info["torch"] = torch.__version__
         info["torch_threads"] = torch.get_num_threads()
+        if torch.cuda.is_available():
+            info["gpu"] = torch.cuda.get_device_name()
+            info["cuda"] = torch.version.cuda
+            info["gpu_memory_gib"] = round(
+                torch.cuda.get_device_properties(0).total_memory / 2**30, 1
+            )
     except ImportError:
         pass
-    for mod in ("transformers", "onnxruntime", "grpc"):
+    for mod in ("transformers", "onnxruntime", "grpc", "bitsandbytes", "peft"):
         with contextlib.suppress(ImportError, AttributeError):
             info[mod] = __import__(mod).__version__
     return info
@@ -100,3 +106,32 @@ class LoadMeter:
         busy = (ticks - (idle - self._idle0)) / ticks * ncpu if ticks else 0.0
         ours = (self._ours() - self._ours0) / seconds if seconds else 0.0
         return LoadWindow(seconds, busy, ours, os.getloadavg()[0])
+
+
+# Dense bf16 tensor-core peaks (no sparsity), from NVIDIA's data sheets: H100 SXM and H200 989.4
+# TFLOP/s (https://www.nvidia.com/en-us/data-center/h100/, /h200/), H100 PCIe/NVL 756 and 835,
+# A100 312 (https://www.nvidia.com/en-us/data-center/a100/).
+BF16_PEAK_TFLOPS = {
+    "H200": 989.4,
+    "H100 NVL": 835.0,
+    "H100 PCIe": 756.0,
+    "H100": 989.4,
+    "A100": 312.0,
+}
+
+
+def bf16_peak_flops(gpu_name: str) -> float | None:
+    """The card's dense bf16 peak in FLOP/s, or None for a card not in the table."""
+    for key, tflops in BF16_PEAK_TFLOPS.items():  # most specific names first
+        if key in gpu_name:
+            return tflops * 1e12
+    return None
+
+
+def mfu(parameters: int, tokens_per_s: float, gpu_name: str) -> float | None:
+    """Model FLOPs utilisation of a forward-only workload: 2 x parameters x tokens/s over the
+    card's bf16 peak (the 2N FLOPs per token of Kaplan et al. 2020, "Scaling Laws for Neural
+    Language Models", section 2.1, https://arxiv.org/abs/2001.08361; attention's share is
+    left out, so this slightly understates the work at long lengths)."""
+    peak = bf16_peak_flops(gpu_name)
+    return None if peak is None else 2.0 * parameters * tokens_per_s / peak

@@ -67,9 +67,11 @@ async def serve(
     metrics_port: int,
     workers: int = 1,
     threads: int = 0,
+    device: str = "cpu",
 ) -> None:
     """Load, report SERVING, serve until cancelled. `workers` forwards run at once (one request
-    each), with `threads` intra-op threads (0 = default)."""
+    each), with `threads` intra-op threads (0 = default). On CUDA the model runs in the dtype the
+    real server picks by default (bfloat16 where supported)."""
     import torch
 
     if threads:
@@ -80,15 +82,16 @@ async def serve(
         runner = OnnxRewardRunner(
             "naive",
             model,
-            device="cpu",
+            device=device,
             max_input_tokens=0,
             head_combine="",
             intra_op_threads=threads,
         )
     else:
+        from reward_server.devices import resolve_dtype
         from reward_server.models.reward import RewardRunner
 
-        runner = RewardRunner("naive", model, device="cpu", dtype=torch.float32)
+        runner = RewardRunner("naive", model, device=device, dtype=resolve_dtype("auto", device))
     runner.forward(runner.warmup_items(2048, 64))
     server = grpc.aio.server(
         options=[
@@ -118,9 +121,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--metrics-port", type=int, default=0, help="Prometheus port (0 = off)")
     p.add_argument("--workers", type=int, default=1, help="forwards at once (one request each)")
     p.add_argument("--threads", type=int, default=0, help="intra-op threads (0 = default)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
-    asyncio.run(serve(a.model, a.host, a.port, a.backend, a.metrics_port, a.workers, a.threads))
+    asyncio.run(
+        serve(a.model, a.host, a.port, a.backend, a.metrics_port, a.workers, a.threads, a.device)
+    )
 
 
 if __name__ == "__main__":

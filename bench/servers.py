@@ -49,12 +49,13 @@ def start_naive_server(
     env: dict | None = None,
     workers: int = 1,
     threads: int = 0,
+    device: str = "cpu",
 ) -> LocalServer:
     """The naive one-forward-per-request baseline (bench/naive_server.py)."""
     port, mport = free_port(), free_port()
     cmd = [sys.executable, "-m", "bench.naive_server", "--model", model, "--port", str(port)]
     cmd += ["--backend", backend, "--metrics-port", str(mport)]
-    cmd += ["--workers", str(workers), "--threads", str(threads)]
+    cmd += ["--workers", str(workers), "--threads", str(threads), "--device", device]
     server = launch(
         cmd,
         port,

@@ -54,7 +54,8 @@ class ModelConfig:
     device: str = "auto"
     """auto (CUDA when available), cpu, cuda or cuda:N; under torchrun CUDA uses cuda:LOCAL_RANK."""
     quantization: Literal["none", "8bit", "4bit"] = "none"
-    """none, 8bit or 4bit (bitsandbytes base, QLoRA): CUDA only, needs lora.enabled."""
+    """none, 8bit or 4bit (bitsandbytes base, QLoRA; needs lora.enabled): CUDA, or CPU with
+    bitsandbytes >= 0.50."""
     lora: LoraConfig = field(default_factory=LoraConfig)
     """LoRA settings."""
     value_model: Literal["shared", "critic"] = "shared"

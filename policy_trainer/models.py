@@ -49,11 +49,12 @@ def _load_kwargs(cfg: ModelConfig, device: torch.device) -> dict[str, Any]:
         "trust_remote_code": cfg.trust_remote_code,
     }
     if cfg.quantization != "none":
-        if device.type != "cuda":
-            raise ConfigError("model.quantization: 8bit/4bit bases are supported on CUDA only")
         from transformers import BitsAndBytesConfig
 
-        compute = devices.torch_dtype(cfg.dtype) if cfg.dtype != "float32" else torch.bfloat16
+        # bitsandbytes >= 0.50 runs k-bit layers on CPU too; compute in float32 there unless a
+        # half dtype was asked for (CPU bf16 matmuls are slower, not faster).
+        fallback = torch.bfloat16 if device.type == "cuda" else torch.float32
+        compute = devices.torch_dtype(cfg.dtype) if cfg.dtype != "float32" else fallback
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_8bit=cfg.quantization == "8bit",
             load_in_4bit=cfg.quantization == "4bit",
@@ -100,6 +101,8 @@ def load_policy(
                 raise ConfigError(f"model.lora: {e}") from None
     if cfg.quantization == "none":
         model = model.to(device)
+    else:
+        devices.keep_kbit_layers_trainable(model)
     disable_dropout(model)
     return model
 

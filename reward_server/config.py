@@ -63,19 +63,23 @@ class ServerConfig:
     skip_wait_when_idle: bool = True
     """Dispatch at once, without max_wait_ms, while nearly every recent request found the model
     idle and its queue empty (one client waiting for each answer: waiting brings no company)."""
-    forward_streams: int = 1
+    forward_streams: int = 0
     """Forwards run at once per device, each on its own worker thread (like Triton's model
-    instances). On a CPU, small models gain from 2 streams of 1 intra-op thread each over one
-    stream of 2 threads (docs/BENCHMARKS.md); a lone request then gets fewer threads. On a GPU
-    keep 1: one stream already fills the device, and each stream holds its own activations."""
+    instances). 0 = per device: 2 on CUDA, 1 on a CPU. On a GPU the server's forward is bound by
+    kernel launches under the interpreter lock it shares with the RPC threads, so a second stream
+    keeps the GPU busy while the first launches (gpt2-1b on an H200: 77k -> 109k tokens/s,
+    docs/BENCHMARKS.md, "GPU"). On a CPU, small models gain from 2 streams of 1 intra-op thread
+    over one of 2 threads; a lone request then gets fewer threads. Each stream holds its own
+    activations."""
     intra_op_threads: int = 0
     """torch (and onnxruntime) intra-op threads per forward; 0 = the default, and with several
     forward streams on a CPU, the usable cores divided among the streams."""
     batch_overhead_tokens: float = -1.0
     """A forward's fixed cost in tokens' worth, which decides how much padding a batch may take on
-    to add an item (docs/API.md, batching). -1 = measured at warm-up (infinite without warm-up);
-    0 = never pad for company (tightest batches); a very large value (e.g. 1e9) = fill the token
-    budget, the GPU habit."""
+    to add an item (docs/API.md, batching). -1 = per device: measured at warm-up on a CPU
+    (infinite without warm-up); on CUDA the token budget is filled (the cost measured in an idle
+    warm-up understates a loaded GPU server's fixed cost 4-fold, docs/BENCHMARKS.md, "GPU");
+    0 = never pad for company (tightest batches); a very large value (e.g. 1e9) = fill the budget."""
     max_queue_items: int = 4096
     """Queued items per model before new requests get RESOURCE_EXHAUSTED."""
     max_items_per_request: int = 512
@@ -176,7 +180,7 @@ class ServerConfig:
             "batch_overhead_tokens must be >= 0, or -1 (measured at warm-up)",
         )
         require(self.inline_tokenize_chars >= 0, "inline_tokenize_chars must be >= 0")
-        require(self.forward_streams >= 1, "forward_streams must be >= 1")
+        require(self.forward_streams >= 0, "forward_streams must be >= 1, or 0 (per device)")
         require(self.intra_op_threads >= 0, "intra_op_threads must be >= 0 (0 = default)")
         require(self.tokenizer_threads >= 1, "tokenizer_threads must be >= 1")
         require(self.grace_seconds >= 0, "grace_seconds must be >= 0")
@@ -197,6 +201,19 @@ class ServerConfig:
         if self.max_batch_tokens:
             return self.max_batch_tokens
         return 16384 if device.startswith("cuda") else 2048
+
+    def resolved_forward_streams(self, device: str) -> int:
+        """Forwards at once on a device (the configured number, else 2 on CUDA, 1 on a CPU)."""
+        if self.forward_streams:
+            return self.forward_streams
+        return 2 if device.startswith("cuda") else 1
+
+    def resolved_batch_overhead_tokens(self, device: str) -> float | None:
+        """The batcher's fixed forward cost: the configured one, 1e9 (fill the budget) on CUDA,
+        or None on a CPU (measured at warm-up)."""
+        if self.batch_overhead_tokens >= 0:
+            return self.batch_overhead_tokens
+        return 1e9 if device.startswith("cuda") else None
 
     def auth_tokens(self) -> list[str]:
         """Accepted bearer tokens from the token file and RLHF_AUTH_TOKENS (never logged)."""

@@ -67,3 +67,14 @@ def resolve_dtype(requested: str, device: str) -> Any:
             "dtype %s on CPU is slow and less precise; float32 is the usual choice", requested
         )
     return torch_dtype(requested)
+
+
+def keep_kbit_layers_trainable(model: Any) -> None:
+    """Stop bitsandbytes (0.50) from repacking 4-bit weights for its AVX512-BF16 CPU inference
+    kernel, for a model that trains. It repacks in place on the first eval-mode CPU forward
+    (bitsandbytes/nn/modules.py, ``Linear4bit.forward``), and the packed path has no backward:
+    after an evaluation or a rollout, the next training forward would fail on a layer with a bias
+    and give a silently wrong gradient through one without. No effect on CUDA or 8-bit layers."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False

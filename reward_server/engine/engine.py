@@ -59,6 +59,8 @@ class Engine:
         self.batchers: dict[str, DynamicBatcher] = {}
         self.device = "cpu"
         self.max_batch_tokens = 0
+        self.streams = 1
+        self.overhead_tokens: float | None = None
         self._worker: ThreadPoolExecutor | None = None
         self._tokenizer_pool = ThreadPoolExecutor(
             config.tokenizer_threads, thread_name_prefix="tokenize"
@@ -72,19 +74,19 @@ class Engine:
 
         cfg = self.config
         self.device = resolve_device(cfg.device)
+        self.streams = cfg.resolved_forward_streams(self.device)
+        self.overhead_tokens = cfg.resolved_batch_overhead_tokens(self.device)
         threads = calibration.apply_intra_op_threads(
-            cfg.intra_op_threads, cfg.forward_streams, self.device
+            cfg.intra_op_threads, self.streams, self.device
         )
         self.max_batch_tokens = cfg.resolved_max_batch_tokens(self.device)
         self.registry.load(self.device, threads)
 
     def start(self) -> None:
-        """Create `forward_streams` worker threads for the device and one batcher per model (on
+        """Create the device's forward streams (worker threads) and one batcher per model (on
         the running loop)."""
         cfg = self.config
-        self._worker = ThreadPoolExecutor(
-            cfg.forward_streams, thread_name_prefix=f"forward-{self.device}"
-        )
+        self._worker = ThreadPoolExecutor(self.streams, thread_name_prefix=f"forward-{self.device}")
         # the batcher's settings that are config keys of the same name
         same = ("max_batch_items", "max_wait_ms", "skip_wait_when_idle", "max_queue_items")
         settings = {key: getattr(cfg, key) for key in same}
@@ -94,12 +96,12 @@ class Engine:
                 runner.forward,
                 self._worker,
                 max_batch_tokens=self.max_batch_tokens,
-                max_inflight=cfg.forward_streams,
+                max_inflight=self.streams,
                 observer=self.observer,
                 **settings,
             )
-            if cfg.batch_overhead_tokens >= 0:  # set by the operator; else measured at warm-up
-                b.overhead_tokens = cfg.batch_overhead_tokens
+            if self.overhead_tokens is not None:  # set, or CUDA's; else measured at warm-up
+                b.overhead_tokens = self.overhead_tokens
             b.start()
             self.batchers[name] = b
 
@@ -114,10 +116,10 @@ class Engine:
             items = runner.warmup_items(self.max_batch_tokens, cfg.max_batch_items)
             await loop.run_in_executor(self._worker, runner.forward, items)
             log.info("warmed up %r with %d items in %.2fs", name, len(items), time.monotonic() - t0)
-            if cfg.batch_overhead_tokens >= 0:
+            if self.overhead_tokens is not None:
                 continue
             overhead = await calibration.measure_overhead_tokens(
-                runner, items, self._worker, cfg.forward_streams
+                runner, items, self._worker, self.streams
             )
             self.batchers[name].overhead_tokens = overhead
             log.info("model %r: a forward's fixed cost is %.0f tokens' worth", name, overhead)

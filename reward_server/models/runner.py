@@ -27,17 +27,19 @@ def run_with_oom_split(forward: Callable[[Sequence[T]], list[R]], batch: Sequenc
     except RuntimeError as exc:
         if not is_oom(exc) or len(batch) <= 1:
             raise
-        import torch
+    # Retried outside the handler: inside it the exception's traceback still holds the failed
+    # forward's frames and their activations, so the halves would find the memory still taken.
+    import torch
 
-        torch.cuda.empty_cache()
-        half = len(batch) // 2
-        log.warning(
-            "out of memory on a batch of %d items; splitting into %d + %d",
-            len(batch),
-            half,
-            len(batch) - half,
-        )
-        return run_with_oom_split(forward, batch[:half]) + run_with_oom_split(forward, batch[half:])
+    torch.cuda.empty_cache()
+    half = len(batch) // 2
+    log.warning(
+        "out of memory on a batch of %d items; splitting into %d + %d",
+        len(batch),
+        half,
+        len(batch) - half,
+    )
+    return run_with_oom_split(forward, batch[:half]) + run_with_oom_split(forward, batch[half:])
 
 
 def lengths_of(items: Sequence[Any]) -> list[int]:

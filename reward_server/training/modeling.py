@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from reward_server.devices import keep_kbit_layers_trainable
 from reward_server.training.batching import encode_texts
 from reward_server.training.config import TrainConfig
 
@@ -110,6 +111,8 @@ def load_backbone(
         model, info = AutoModelForSequenceClassification.from_pretrained(source, **kwargs)
     except Exception as e:
         raise ModelSetupError(f"cannot load {source!r} as a sequence classifier: {e}") from None
+    if quantization != "none":
+        keep_kbit_layers_trainable(model)
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))
     model.config.pad_token_id = tokenizer.pad_token_id

@@ -160,8 +160,10 @@ def _kbit_run(tmp_path, extra: list[str]) -> None:
 
 
 def test_4bit_lora_run_on_cpu(tmp_path) -> None:
-    """bitsandbytes >= 0.50 runs 4-bit layers on CPU, so the k-bit path runs here too."""
-    _kbit_run(tmp_path, ["--device", "cpu"])
+    """bitsandbytes >= 0.50 runs 4-bit layers on CPU, so the k-bit path runs here too; with an
+    evaluation between training steps (bitsandbytes repacks 4-bit weights for inference on the
+    first eval-mode CPU forward, and the packed layout has no backward)."""
+    _kbit_run(tmp_path, ["--device", "cpu", "--eval-every", "1"])
 
 
 @pytest.mark.gpu

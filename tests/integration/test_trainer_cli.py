@@ -263,3 +263,48 @@ def test_unreachable_server_is_a_clear_error(
     assert main(["ppo", "--config", str(cfg)]) == 3
     err = capsys.readouterr().err
     assert "is not ready after 1s" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param(
+            "cuda",
+            marks=[
+                pytest.mark.gpu,
+                pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+            ],
+        ),
+    ],
+)
+def test_qlora_policy_on_a_4bit_base(server, tiny_ckpts, tmp_path: Path, device: str) -> None:
+    """QLoRA: a bitsandbytes 4-bit base with LoRA adapters, one PPO iteration against the real
+    server. Only the adapters (and the value head) train; the 4-bit weights stay frozen."""
+    run_dir = tmp_path / "run"
+    cfg = load_config(
+        write_config(
+            tmp_path / "run.yaml",
+            tiny_ckpts,
+            server.address,
+            run_dir,
+            model={"device": device, "quantization": "4bit", "lora": {"enabled": True, "r": 4}},
+            run={"iterations": 1},
+        )
+    )
+    trainer = PPOTrainer(cfg)
+    model = trainer.model
+    kbit = [m for m in model.modules() if type(m).__name__ == "Linear4bit"]
+    assert kbit, "the base is not 4-bit"
+    assert not any(p.requires_grad for m in kbit for p in m.parameters(recurse=False))
+    trained = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert trained and all("lora" in n or "value" in n for n in trained), sorted(trained)
+    assert trainer.run() == 1
+    metrics = read_metrics(run_dir / "metrics.jsonl")
+    assert [m["iteration"] for m in metrics] == [1]
+    assert math.isfinite(metrics[0]["policy_loss"]) and metrics[0]["valid_fraction"] > 0
+    moved = [
+        n for n, p in model.named_parameters() if n in trained and not torch.equal(p, trained[n])
+    ]
+    assert any("lora" in n for n in moved), "no adapter weight changed"
+    assert next(p for p in model.parameters() if p.requires_grad).device.type == device

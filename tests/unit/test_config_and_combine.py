@@ -81,3 +81,26 @@ def test_combiners():
         parse_combiner("head:x", ["help"])
     with pytest.raises(ValueError, match="kind must be"):
         parse_combiner("max:help", ["help"])
+
+
+def test_per_device_defaults_and_explicit_values_win():
+    """0 / -1 mean 'per device' (measured on an H200, docs/BENCHMARKS.md "GPU"): CUDA gets two
+    forward streams, a filled token budget and 16384 tokens; a CPU one stream, a fixed cost
+    measured at warm-up and 2048 tokens. A configured value is used as given on both."""
+    auto = ServerConfig(reward_models={"rm": "x"})
+    assert (
+        auto.resolved_forward_streams("cuda:1") == 2 and auto.resolved_forward_streams("cpu") == 1
+    )
+    assert auto.resolved_batch_overhead_tokens("cuda") == 1e9
+    assert auto.resolved_batch_overhead_tokens("cpu") is None
+    assert (auto.resolved_max_batch_tokens("cuda"), auto.resolved_max_batch_tokens("cpu")) == (
+        16384,
+        2048,
+    )
+    set_ = ServerConfig(
+        reward_models={"rm": "x"}, forward_streams=3, batch_overhead_tokens=0, max_batch_tokens=512
+    )
+    for dev in ("cuda", "cpu"):
+        assert set_.resolved_forward_streams(dev) == 3
+        assert set_.resolved_batch_overhead_tokens(dev) == 0
+        assert set_.resolved_max_batch_tokens(dev) == 512
