@@ -16,7 +16,6 @@ never replaced by zero); anything else (FAILED_PRECONDITION, UNAUTHENTICATED, ..
 
 from __future__ import annotations
 
-import logging
 import threading
 import time
 from collections.abc import Callable
@@ -28,15 +27,18 @@ import grpc
 import numpy as np
 
 from policy_trainer.config import RewardServiceConfig
-from reward_server.client import RETRYABLE, RewardClient, RewardServiceError
+from reward_server.client import (
+    PER_ITEM,
+    RETRYABLE,
+    RewardClient,
+    RewardServiceError,
+    batch_or_per_item,
+)
 
-log = logging.getLogger(__name__)
 R = TypeVar("R")
 
 UNAVAILABLE = RETRYABLE | {grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
 """Codes left when the client gave up retrying (or was closed): the server is not there."""
-PER_ITEM = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.INTERNAL}
-"""Codes that may come from one bad item: the batch is retried item by item."""
 
 
 class ServerUnavailableError(RuntimeError):
@@ -135,29 +137,19 @@ class RemoteRewards:
         self, n: int, call: Callable[[slice], list[R]], what: str
     ) -> list[R | None]:
         """All n items in one call (the client splits it by the server's limit); if the server
-        rejects it as a whole, item by item, with None for the items it still rejects."""
-        try:
-            return list(self._call(lambda: call(slice(0, n)), what))
-        except RewardServiceError as e:
-            log.warning("%s: batch rejected (%s: %s); retrying item by item", what, e.code.name, e.details)  # fmt: skip
-        out: list[R | None] = []
-        errors = []
-        for i in range(n):
-            try:
-                out.extend(self._call(lambda i=i: call(slice(i, i + 1)), what))
-            except RewardServiceError as e:
-                log.warning("%s: item %d left out (%s: %s)", what, i, e.code.name, e.details)
-                errors.append(e)
-                out.append(None)
-        if len(errors) > 1 and len(errors) == n:
+        rejects it as a whole, item by item, with None for the items it still rejects
+        (`reward_server.client.batch_or_per_item`)."""
+        out = batch_or_per_item(n, lambda sl: self._call(lambda: call(sl), what), what)
+        if out.all_rejected:
             # every item of a batch refused: the server, not the items, is the problem
+            first = next(iter(out.rejected.values()))
             raise ServerRejectedError(
                 f"{what}: the reward server at {self.cfg.address} rejected every item of a "
-                f"batch ({errors[0].code.name}: {errors[0].details})"
+                f"batch ({first.code.name}: {first.details})"
             )
         with self._lock:
-            self.failed_items += len(errors)
-        return out
+            self.failed_items += len(out.rejected)
+        return out.results
 
     def _scores(self, items: list[RewardInput]) -> np.ndarray:
         # An empty completion (the response was only EOS) is not scoreable text: the server

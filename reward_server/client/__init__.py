@@ -11,7 +11,9 @@
 - ``budget_seconds`` keeps retrying a call (DEADLINE_EXCEEDED too) in rounds of ``timeout`` until
   that much time is spent, waiting for SERVING in between when there is one address;
 - batches larger than the server's advertised ``max_items_per_request`` are split and the parts
-  sent concurrently; results come back in input order.
+  sent concurrently; results come back in input order;
+- `batch_or_per_item` / `abatch_or_per_item` (per_item.py) retry a batch the server rejected
+  (INVALID_ARGUMENT, INTERNAL) item by item, for callers that would rather lose one item.
 
 Which of this gRPC does itself: docs/ARCHITECTURE.md ("The client layer").
 """
@@ -21,19 +23,29 @@ from reward_server.client.blocking import RewardClient
 from reward_server.client.channels import split_targets
 from reward_server.client.core import API, DEFAULT_CHUNK
 from reward_server.client.messages import Conversation, PairLike, ScoreResult, chunks
+from reward_server.client.per_item import (
+    PER_ITEM,
+    ItemResults,
+    abatch_or_per_item,
+    batch_or_per_item,
+)
 from reward_server.client.retry import RETRYABLE, RetryPolicy, RewardServiceError
 
 __all__ = [
     "API",
     "DEFAULT_CHUNK",
+    "PER_ITEM",
     "RETRYABLE",
     "AsyncRewardClient",
     "Conversation",
+    "ItemResults",
     "PairLike",
     "RetryPolicy",
     "RewardClient",
     "RewardServiceError",
     "ScoreResult",
+    "abatch_or_per_item",
+    "batch_or_per_item",
     "chunks",
     "split_targets",
 ]

@@ -107,6 +107,7 @@ def _run(venv: Path, *argv: str, timeout: float = 120) -> subprocess.CompletedPr
 def test_the_light_venv_has_the_client_and_nothing_heavy(light_venv: Path) -> None:
     probe = (
         "import importlib.util, json, reward_server.client as c; "
+        "import reward_server.integrations.trl, reward_server.integrations.verl; "  # no torch
         f"print(json.dumps([c.__file__, [m for m in {HEAVY!r} if importlib.util.find_spec(m)]]))"
     )
     proc = _run(light_venv, "python", "-c", probe)

@@ -27,6 +27,8 @@ TRAINER_MAY_USE = (
     "reward_server.fingerprint",
     "reward_server.local_server",
 )
+# What the trainer integrations (TRL, veRL) may use of reward_server: the client layer only.
+INTEGRATIONS_MAY_USE = ("reward_server.client", "reward_server.api", "reward_server.score_result")
 NO_GRPC = (
     "reward_server.engine",
     "reward_server.errors",
@@ -87,6 +89,7 @@ def test_the_sources_are_found() -> None:
     assert {
         "reward_server.engine.engine",
         "reward_server.client",
+        "reward_server.integrations.trl",
         "policy_trainer.trainer",
     } <= names
 
@@ -99,6 +102,20 @@ def test_client_imports_no_torch_and_nothing_of_the_server(path: Path) -> None:
         assert not _under(name, ("torch", "transformers", "peft", "onnxruntime")), name
         if name.startswith("reward_server"):
             assert _under(name, CLIENT_MAY_USE), f"{_module_name(path)} imports {name}"
+
+
+@pytest.mark.parametrize(
+    "path",
+    [p for p in ALL if _under(_module_name(p), ("reward_server.integrations",))],
+    ids=_module_name,
+)
+def test_integrations_use_only_the_client(path: Path) -> None:
+    """They run inside the user's trainer: no torch of ours, no trainer library imported, nothing
+    of the server."""
+    for name in _imports(path):
+        assert not _under(name, ("torch", "transformers", "trl", "verl", "policy_trainer")), name
+        if name.startswith("reward_server"):
+            assert _under(name, INTEGRATIONS_MAY_USE), f"{_module_name(path)} imports {name}"
 
 
 @pytest.mark.parametrize("path", _sources("policy_trainer"), ids=_module_name)
