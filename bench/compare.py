@@ -29,7 +29,9 @@ from bench.servers import metric_delta, start_naive_server, start_reward_server
 from bench.workload import LengthDist, RequestShape, make_pairs
 from reward_server.engine.calibration import apply_intra_op_threads
 
-TARGETS = ("server", "inprocess", "inprocess_tight", "inprocess_b1", "naive", "arrival", "fill")
+TARGETS = (
+    "server", "inprocess", "inprocess_tight", "inprocess_b1", "naive", "arrival", "fill", "http",
+)  # fmt: skip
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -63,6 +65,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         type=int,
         default=0,
         help="intra-op threads per forward for every target (0 = default; cores / streams)",
+    )
+    p.add_argument(
+        "--http-route",
+        default="get_reward",
+        choices=["get_reward", "v1/score"],
+        help="the `http` target: the same server process and requests through its HTTP/JSON door "
+        "(bench/http_load.py) on this route",
     )
     p.add_argument("--server-arg", action="append", default=[], help="extra `serve` flag")
     p.add_argument("--models-dir", type=Path, default=DEFAULT_DIR)
@@ -133,8 +142,15 @@ def run(a: argparse.Namespace) -> dict:
     ]
     logs = a.out / "logs"
     servers: dict[str, Any] = {}
+    if "http" in targets:  # the `server` process with its HTTP door open
+        from bench.http_load import http_bodies, load_http
+        from reward_server.local_server import free_port
+
+        http_port = free_port()
+        serve_args += ["--http-port", str(http_port)]
+        bodies = http_bodies(requests, a.http_route)
     try:
-        if "server" in targets:
+        if "server" in targets or "http" in targets:
             servers["server"] = start_reward_server("server", serve_args, logs)
         if "arrival" in targets:
             servers["arrival"] = start_reward_server("arrival", serve_args, logs, variant="arrival")
@@ -167,21 +183,25 @@ def run(a: argparse.Namespace) -> dict:
                 pids = [os.getpid(), *(s.proc.pid for s in servers.values())]
                 meter = machine.LoadMeter(pids)
                 row: dict[str, Any] = {"repeat": rep, "target": target}
-                if target in servers:
-                    sp = servers[target]
+                if target in servers or target == "http":
+                    sp = servers["server" if target == "http" else target]
                     snaps: dict[str, dict] = {}
 
                     def on_window(which: str, sp=sp, snaps=snaps) -> None:
                         snaps[which] = sp.metrics()
 
-                    res = load(
-                        sp.address,
-                        requests[rng.randrange(len(requests)) :] + requests,
+                    start = rng.randrange(len(requests))
+                    kw = dict(
                         clients=a.clients,
                         duration=a.duration,
                         warmup=a.warmup,
                         on_window=on_window,
                     )
+                    if target == "http":
+                        url = f"http://{sp.host}:{http_port}"
+                        res = load_http(url, a.http_route, bodies[start:] + bodies, **kw)
+                    else:
+                        res = load(sp.address, requests[start:] + requests, **kw)
                     row.update(res.summary())
                     if sp.metrics_port:
                         row["server_metrics"] = metric_delta(
@@ -292,6 +312,7 @@ def summarize(rows: list[dict]) -> dict:
         ("server", "arrival"),
         ("fill", "inprocess"),
         ("server", "fill"),
+        ("http", "server"),
     ]:
         vals = ratio(num, den)
         if vals:

@@ -101,6 +101,10 @@ class ServerConfig:
     """Run one largest-batch forward per model before reporting SERVING."""
     metrics_port: int = 0
     """Prometheus metrics HTTP port (0 = off)."""
+    http_port: int = 0
+    """HTTP/JSON door on this port (0 = off): OpenRLHF's POST /get_reward, POST /v1/score,
+    POST /v1/reference_logprobs, GET /health; same process, models, batching, tokens and TLS as
+    the gRPC port (docs/API.md, "HTTP/JSON front door")."""
     grace_seconds: float = 30.0
     """On SIGTERM, how long in-flight work may take to finish before the server stops."""
     max_message_mb: int = 64
@@ -161,6 +165,11 @@ class ServerConfig:
             f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}",
         )
         require(0 <= int(self.port) <= 65535, f"port out of range: {self.port}")
+        require(0 <= self.http_port <= 65535, f"http_port out of range: {self.http_port}")
+        require(
+            not self.http_port or self.http_port not in (self.port, self.metrics_port),
+            f"http_port {self.http_port} is also the gRPC or metrics port",
+        )
         require(
             self.max_batch_tokens >= 0, "max_batch_tokens must be >= 0 (0 = per-device default)"
         )

@@ -1,4 +1,5 @@
-"""Server lifecycle: bind, load, warm up, report SERVING, drain on SIGTERM."""
+"""Server lifecycle: bind (gRPC, and HTTP with --http-port), load, warm up, report SERVING,
+drain on SIGTERM."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from reward_server.api.rlhf.v1 import reward_service_pb2_grpc as pb_grpc
 from reward_server.config import ServerConfig
 from reward_server.engine.engine import Engine
 from reward_server.serve.auth import HEALTH_METHODS, BearerAuthInterceptor, server_credentials
+from reward_server.serve.http import HttpDoor
 from reward_server.serve.metrics import ServerMetrics
 from reward_server.serve.servicer import RewardServicer
 
@@ -37,7 +39,8 @@ def grpc_options(cfg: ServerConfig) -> list[tuple[str, int]]:
 
 
 class RewardServer:
-    """One running service: gRPC server, health, reflection, metrics, engine."""
+    """One running service: gRPC server, health, reflection, metrics, engine, and with
+    `http_port` the HTTP/JSON door on the same event loop and engine."""
 
     def __init__(self, cfg: ServerConfig) -> None:
         self.cfg = cfg
@@ -63,6 +66,7 @@ class RewardServer:
         )
         reflection.enable_server_reflection(names, self.server)
         self.auth_enabled = bool(tokens)
+        self.http = HttpDoor(cfg, self.servicer, self.metrics) if cfg.http_port else None
 
     async def _set_health(self, status: int) -> None:
         for svc in ("", SERVICE_NAME):
@@ -87,6 +91,8 @@ class RewardServer:
             "mutual TLS" if cfg.tls_client_ca else "TLS" if cfg.tls_cert else "plaintext",
             ", bearer-token auth" if self.auth_enabled else "",
         )
+        if self.http is not None:
+            await self.http.start()
         if cfg.metrics_port:
             self.metrics.serve_http(cfg.metrics_port, cfg.host)
             log.info("metrics on http://%s:%d/metrics", cfg.host, cfg.metrics_port)
@@ -106,6 +112,11 @@ class RewardServer:
             self.engine.device,
             self.engine.max_batch_tokens,
         )
+
+    async def close_http(self) -> None:
+        """Stop the HTTP door (if any): it answers 503 while draining, then closes."""
+        if self.http is not None:
+            await self.http.stop()
 
     def request_stop(self) -> None:
         """Begin the drain (signal handlers call this)."""
@@ -128,6 +139,7 @@ class RewardServer:
                 "grace period over with %d request(s) still in flight", self.servicer.inflight
             )
         await self.server.stop(max(0.0, end - time.monotonic()))
+        await self.close_http()
         await self.engine.stop()
         log.info("stopped")
 
@@ -142,6 +154,7 @@ async def serve(cfg: ServerConfig) -> int:
         await srv.start()
     except BaseException:
         await srv.server.stop(0)
+        await srv.close_http()
         raise
     await srv.wait_and_drain()
     return 0

@@ -1,4 +1,7 @@
-"""The gRPC servicer: proto in, engine call, proto out; errors mapped to status codes."""
+"""The gRPC servicer: proto in, engine call, proto out; errors mapped to status codes.
+
+`RewardServicer.run` is the one request path of both doors: the gRPC RPCs and the HTTP door
+(`serve/http.py`, through `score` and `reference_logprobs`) take it."""
 
 from __future__ import annotations
 
@@ -39,14 +42,17 @@ class RewardServicer(pb_grpc.RewardServiceServicer):
         self.ready = False  # set by the server once models are loaded and warmed up
         self.inflight = 0
 
-    async def _call(
+    async def run(
         self,
         rpc: str,
-        context: grpc.aio.ServicerContext,
         request_id: str,
         n_items: int,
         work: Callable[[str], Awaitable[T]],
     ) -> T:
+        """Run one request's `work` as every door does (gRPC and HTTP): refuse it while starting
+        or draining, count it in the metrics under `rpc`, log its failure. Raises the
+        `ServiceError` the work raised; any other exception becomes a `ServiceError` (INTERNAL)
+        naming the request id. Each door maps the error onto its own status code."""
         rid = request_id or uuid.uuid4().hex[:12]
         t0 = time.monotonic()
         code = "OK"
@@ -62,21 +68,33 @@ class RewardServicer(pb_grpc.RewardServiceServicer):
         except ServiceError as exc:
             code = exc.code
             log.info("%s request %s -> %s: %s", rpc, rid, code, exc.message)
-            await context.abort(grpc_code(exc), exc.message)
+            raise
         except asyncio.CancelledError:
             code = "CANCELLED"
             raise
-        except Exception:
+        except Exception as exc:
             code = "INTERNAL"
             log.exception("%s request %s failed", rpc, rid)
-            await context.abort(
-                grpc.StatusCode.INTERNAL, f"internal error; request id {rid} (see server log)"
-            )
+            raise ServiceError(f"internal error; request id {rid} (see server log)") from exc
         finally:
             self.inflight -= 1
             self.metrics.inflight.dec()
             self.metrics.requests.labels(rpc, code).inc()
             self.metrics.request_time.labels(rpc).observe(time.monotonic() - t0)
+
+    async def _call(
+        self,
+        rpc: str,
+        context: grpc.aio.ServicerContext,
+        request_id: str,
+        n_items: int,
+        work: Callable[[str], Awaitable[T]],
+    ) -> T:
+        """`run` with its errors turned into the call's gRPC status."""
+        try:
+            return await self.run(rpc, request_id, n_items, work)
+        except ServiceError as exc:
+            await context.abort(grpc_code(exc), exc.message)
         raise AssertionError("unreachable")  # abort() always raises
 
     async def _score(
@@ -87,6 +105,45 @@ class RewardServicer(pb_grpc.RewardServiceServicer):
         )
         self.metrics.tokenize_time.labels(model).observe(timing.tokenize)
         return convert.score_response(model, results, timing, rid)
+
+    async def _logprobs(
+        self, request: pb.ReferenceLogProbsRequest, deadline: float | None, rid: str
+    ) -> pb.ReferenceLogProbsResponse:
+        model, arrays, timing = await self.engine.reference_logprobs(
+            request.model,
+            convert.ref_sequences(request),
+            request.temperature,
+            request.tokenizer_fingerprint,
+            deadline,
+        )
+        return convert.logprobs_response(model, arrays, timing, rid)
+
+    async def score(
+        self, request: pb.ScoreRequest, deadline: float | None, rpc: str = "Score"
+    ) -> pb.ScoreResponse:
+        """Score a request (the path of the gRPC `Score` RPC; the HTTP door calls it with its
+        route as `rpc`). Raises `ServiceError`."""
+        return await self.run(
+            rpc,
+            request.request_id,
+            len(request.items),
+            lambda rid: self._score(request, deadline, rid),
+        )
+
+    async def reference_logprobs(
+        self,
+        request: pb.ReferenceLogProbsRequest,
+        deadline: float | None,
+        rpc: str = "ReferenceLogProbs",
+    ) -> pb.ReferenceLogProbsResponse:
+        """Reference log-probs of a request (the path of the gRPC `ReferenceLogProbs` RPC).
+        Raises `ServiceError`."""
+        return await self.run(
+            rpc,
+            request.request_id,
+            len(request.sequences),
+            lambda rid: self._logprobs(request, deadline, rid),
+        )
 
     async def Score(
         self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext
@@ -138,19 +195,12 @@ class RewardServicer(pb_grpc.RewardServiceServicer):
         self, request: pb.ReferenceLogProbsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ReferenceLogProbsResponse:
         deadline = _deadline(context)
-
-        async def work(rid: str) -> pb.ReferenceLogProbsResponse:
-            model, arrays, timing = await self.engine.reference_logprobs(
-                request.model,
-                convert.ref_sequences(request),
-                request.temperature,
-                request.tokenizer_fingerprint,
-                deadline,
-            )
-            return convert.logprobs_response(model, arrays, timing, rid)
-
         return await self._call(
-            "ReferenceLogProbs", context, request.request_id, len(request.sequences), work
+            "ReferenceLogProbs",
+            context,
+            request.request_id,
+            len(request.sequences),
+            lambda rid: self._logprobs(request, deadline, rid),
         )
 
     async def GetServerInfo(

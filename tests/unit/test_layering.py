@@ -99,7 +99,7 @@ def test_the_sources_are_found() -> None:
 )
 def test_client_imports_no_torch_and_nothing_of_the_server(path: Path) -> None:
     for name in _imports(path):
-        assert not _under(name, ("torch", "transformers", "peft", "onnxruntime")), name
+        assert not _under(name, ("torch", "transformers", "peft", "onnxruntime", "aiohttp")), name
         if name.startswith("reward_server"):
             assert _under(name, CLIENT_MAY_USE), f"{_module_name(path)} imports {name}"
 
@@ -134,6 +134,11 @@ def test_engine_batcher_and_models_import_no_grpc(path: Path) -> None:
             f"{_module_name(path)} imports {name}"
         )
         assert not _under(name, ("reward_server.serve",)), name
+
+
+def test_only_the_http_door_imports_aiohttp() -> None:
+    users = {_module_name(p) for p in ALL if any(_under(n, ("aiohttp",)) for n in _imports(p))}
+    assert users <= {"reward_server.serve.http"}, users
 
 
 def test_the_batcher_knows_no_tensors() -> None:
