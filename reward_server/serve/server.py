@@ -14,13 +14,12 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from reward_server.api.rlhf.v1 import reward_service_pb2 as pb
-from reward_server.api.rlhf.v1 import reward_service_pb2_grpc as pb_grpc
 from reward_server.config import ServerConfig
 from reward_server.engine.engine import Engine
 from reward_server.serve.auth import HEALTH_METHODS, BearerAuthInterceptor, server_credentials
 from reward_server.serve.http import HttpDoor
 from reward_server.serve.metrics import ServerMetrics
-from reward_server.serve.servicer import RewardServicer
+from reward_server.serve.servicer import RewardServicer, add_to_server
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RewardService"].full_name
@@ -57,7 +56,7 @@ class RewardServer:
                 BearerAuthInterceptor(tokens, HEALTH_METHODS if cfg.open_health else ())
             )
         self.server = grpc.aio.server(options=grpc_options(cfg), interceptors=interceptors)
-        pb_grpc.add_RewardServiceServicer_to_server(self.servicer, self.server)
+        add_to_server(self.servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         names = (
             SERVICE_NAME,

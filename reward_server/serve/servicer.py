@@ -17,7 +17,7 @@ import grpc
 from reward_server.api.rlhf.v1 import reward_service_pb2 as pb
 from reward_server.api.rlhf.v1 import reward_service_pb2_grpc as pb_grpc
 from reward_server.engine.engine import Engine
-from reward_server.errors import ServiceError, Unavailable
+from reward_server.errors import InvalidArgument, ServiceError, Unavailable
 from reward_server.serve import convert
 from reward_server.serve.metrics import ServerMetrics
 from reward_server.serve.status import grpc_code
@@ -25,6 +25,64 @@ from reward_server.serve.status import grpc_code
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 STREAM_WINDOW = 32  # requests of one ScoreStream processed concurrently
+
+
+class Malformed:
+    """A request whose bytes did not parse as its message (random bytes, a string field holding
+    invalid UTF-8): the servicer answers it with INVALID_ARGUMENT instead of gRPC's UNKNOWN."""
+
+    def __init__(self, message: str, error: Exception) -> None:
+        self.error = InvalidArgument(
+            f"the request could not be parsed as {message}: {error or type(error).__name__}"
+        )
+        self.request_id = ""
+
+
+def tolerant(cls: type) -> Callable[[bytes], object]:
+    """A request deserializer that returns `Malformed` instead of raising."""
+    name = cls.DESCRIPTOR.full_name
+
+    def parse(data: bytes) -> object:
+        try:
+            return cls.FromString(data)
+        except Exception as exc:  # DecodeError, and whatever else the parser may raise
+            return Malformed(name, exc)
+
+    return parse
+
+
+def add_to_server(servicer: RewardServicer, server: grpc.aio.Server) -> None:
+    """`add_RewardServiceServicer_to_server` with tolerant request deserializers."""
+    handlers = {
+        "Score": grpc.unary_unary_rpc_method_handler(
+            servicer.Score,
+            request_deserializer=tolerant(pb.ScoreRequest),
+            response_serializer=pb.ScoreResponse.SerializeToString,
+        ),
+        "ScoreStream": grpc.stream_stream_rpc_method_handler(
+            servicer.ScoreStream,
+            request_deserializer=tolerant(pb.ScoreRequest),
+            response_serializer=pb.ScoreResponse.SerializeToString,
+        ),
+        "ReferenceLogProbs": grpc.unary_unary_rpc_method_handler(
+            servicer.ReferenceLogProbs,
+            request_deserializer=tolerant(pb.ReferenceLogProbsRequest),
+            response_serializer=pb.ReferenceLogProbsResponse.SerializeToString,
+        ),
+        "GetServerInfo": grpc.unary_unary_rpc_method_handler(
+            servicer.GetServerInfo,
+            request_deserializer=tolerant(pb.GetServerInfoRequest),
+            response_serializer=pb.GetServerInfoResponse.SerializeToString,
+        ),
+    }
+    assert set(handlers) == set(pb.DESCRIPTOR.services_by_name["RewardService"].methods_by_name)
+    service = pb.DESCRIPTOR.services_by_name["RewardService"].full_name
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
+    server.add_registered_method_handlers(service, handlers)
+
+
+def _items(request: object, field: str) -> int:
+    return 0 if isinstance(request, Malformed) else len(getattr(request, field))
 
 
 def _deadline(context: grpc.aio.ServicerContext) -> float | None:
@@ -100,6 +158,8 @@ class RewardServicer(pb_grpc.RewardServiceServicer):
     async def _score(
         self, request: pb.ScoreRequest, deadline: float | None, rid: str
     ) -> pb.ScoreResponse:
+        if isinstance(request, Malformed):
+            raise request.error
         model, results, timing = await self.engine.score(
             request.model, convert.score_inputs(request), convert.truncation(request), deadline
         )
@@ -109,6 +169,8 @@ class RewardServicer(pb_grpc.RewardServiceServicer):
     async def _logprobs(
         self, request: pb.ReferenceLogProbsRequest, deadline: float | None, rid: str
     ) -> pb.ReferenceLogProbsResponse:
+        if isinstance(request, Malformed):
+            raise request.error
         model, arrays, timing = await self.engine.reference_logprobs(
             request.model,
             convert.ref_sequences(request),
@@ -153,28 +215,40 @@ class RewardServicer(pb_grpc.RewardServiceServicer):
             "Score",
             context,
             request.request_id,
-            len(request.items),
+            _items(request, "items"),
             lambda rid: self._score(request, deadline, rid),
         )
 
     async def ScoreStream(
         self, request_iterator: AsyncIterator[pb.ScoreRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ScoreResponse]:
+        """One response per request, in request order, up to STREAM_WINDOW at once. A request
+        that fails (bad input, malformed bytes, a full queue...) is answered in the stream with
+        its own `status` and the stream goes on (as Triton's ModelStreamInfer carries
+        `error_message`); cancelling the stream drops its queued items."""
         deadline = _deadline(context)
         pending: asyncio.Queue = asyncio.Queue(STREAM_WINDOW)
 
+        async def one(req: pb.ScoreRequest | Malformed) -> pb.ScoreResponse:
+            try:
+                return await self.run(
+                    "ScoreStream",
+                    req.request_id,
+                    _items(req, "items"),
+                    lambda rid: self._score(req, deadline, rid),
+                )
+            except ServiceError as exc:
+                code = grpc_code(exc)
+                return pb.ScoreResponse(
+                    request_id=req.request_id,
+                    status=pb.RequestStatus(
+                        code=code.value[0], name=code.name, message=exc.message
+                    ),
+                )
+
         async def reader() -> None:
             async for req in request_iterator:
-                task = asyncio.ensure_future(
-                    self._call(
-                        "ScoreStream",
-                        context,
-                        req.request_id,
-                        len(req.items),
-                        lambda rid, r=req: self._score(r, deadline, rid),
-                    )
-                )
-                await pending.put(task)
+                await pending.put(asyncio.ensure_future(one(req)))
             await pending.put(None)
 
         reader_task = asyncio.ensure_future(reader())
@@ -199,7 +273,7 @@ class RewardServicer(pb_grpc.RewardServiceServicer):
             "ReferenceLogProbs",
             context,
             request.request_id,
-            len(request.sequences),
+            _items(request, "sequences"),
             lambda rid: self._logprobs(request, deadline, rid),
         )
 
@@ -207,6 +281,8 @@ class RewardServicer(pb_grpc.RewardServiceServicer):
         self, request: pb.GetServerInfoRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetServerInfoResponse:
         async def work(rid: str) -> pb.GetServerInfoResponse:
+            if isinstance(request, Malformed):
+                raise request.error
             cfg = self.engine.config
             return pb.GetServerInfoResponse(
                 version=self.engine.version,

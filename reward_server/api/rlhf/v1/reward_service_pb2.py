@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n.reward_server/api/rlhf/v1/reward_service.proto\x12\x07rlhf.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"W\n\tScoreItem\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x12\n\ncompletion\x18\x02 \x01(\t\x12&\n\x08messages\x18\x03 \x03(\x0b\x32\x14.rlhf.v1.ChatMessage\"}\n\x0cScoreRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12!\n\x05items\x18\x02 \x03(\x0b\x32\x12.rlhf.v1.ScoreItem\x12\'\n\ntruncation\x18\x03 \x01(\x0e\x32\x13.rlhf.v1.Truncation\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"\xe5\x01\n\tItemScore\x12\r\n\x05score\x18\x01 \x01(\x02\x12\x37\n\x0bhead_scores\x18\x02 \x03(\x0b\x32\".rlhf.v1.ItemScore.HeadScoresEntry\x12\x12\n\nnum_tokens\x18\x03 \x01(\r\x12\x11\n\ttruncated\x18\x04 \x01(\x08\x12\x18\n\x10normalized_score\x18\x05 \x01(\x02\x12\x1c\n\x14has_normalized_score\x18\x06 \x01(\x08\x1a\x31\n\x0fHeadScoresEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\"W\n\x06Timing\x12\x10\n\x08queue_ms\x18\x01 \x01(\x02\x12\x13\n\x0btokenize_ms\x18\x02 \x01(\x02\x12\x14\n\x0cinference_ms\x18\x03 \x01(\x02\x12\x10\n\x08total_ms\x18\x04 \x01(\x02\"w\n\rScoreResponse\x12\"\n\x06scores\x18\x01 \x03(\x0b\x32\x12.rlhf.v1.ItemScore\x12\r\n\x05model\x18\x02 \x01(\t\x12\x1f\n\x06timing\x18\x03 \x01(\x0b\x32\x0f.rlhf.v1.Timing\x12\x12\n\nrequest_id\x18\x04 \x01(\t\":\n\rTokenSequence\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x16\n\x0eresponse_start\x18\x02 \x01(\r\"\x9c\x01\n\x18ReferenceLogProbsRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12)\n\tsequences\x18\x02 \x03(\x0b\x32\x16.rlhf.v1.TokenSequence\x12\x13\n\x0btemperature\x18\x03 \x01(\x02\x12\x1d\n\x15tokenizer_fingerprint\x18\x04 \x01(\t\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"$\n\x10SequenceLogProbs\x12\x10\n\x08logprobs\x18\x01 \x03(\x02\"\x8b\x01\n\x19ReferenceLogProbsResponse\x12*\n\x07results\x18\x01 \x03(\x0b\x32\x19.rlhf.v1.SequenceLogProbs\x12\r\n\x05model\x18\x02 \x01(\t\x12\x1f\n\x06timing\x18\x03 \x01(\x0b\x32\x0f.rlhf.v1.Timing\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"\x16\n\x14GetServerInfoRequest\"\xb2\x02\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12 \n\x04role\x18\x02 \x01(\x0e\x32\x12.rlhf.v1.ModelRole\x12\r\n\x05heads\x18\x03 \x03(\t\x12\x1d\n\x15tokenizer_fingerprint\x18\x04 \x01(\t\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x06 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x07 \x01(\t\x12\x18\n\x10max_input_tokens\x18\x08 \x01(\r\x12\x12\n\nis_default\x18\t \x01(\x08\x12\x12\n\nvocab_size\x18\n \x01(\r\x12\x0e\n\x06source\x18\x0b \x01(\t\x12\x19\n\x11has_chat_template\x18\x0c \x01(\x08\x12\x19\n\x11has_normalization\x18\r \x01(\x08\x12\x0f\n\x07\x63ombine\x18\x0e \x01(\t\"\xa9\x02\n\x15GetServerInfoResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\"\n\x06models\x18\x02 \x03(\x0b\x32\x12.rlhf.v1.ModelInfo\x12\x1d\n\x15max_items_per_request\x18\x03 \x01(\r\x12\x18\n\x10max_batch_tokens\x18\x04 \x01(\r\x12\x17\n\x0fmax_batch_items\x18\x05 \x01(\r\x12\x19\n\x11max_message_bytes\x18\x06 \x01(\r\x12\x1c\n\x14\x64\x65\x66\x61ult_reward_model\x18\x07 \x01(\t\x12\x1f\n\x17\x64\x65\x66\x61ult_reference_model\x18\x08 \x01(\t\x12/\n\x12\x64\x65\x66\x61ult_truncation\x18\t \x01(\x0e\x32\x13.rlhf.v1.Truncation*i\n\nTruncation\x12\x1a\n\x16TRUNCATION_UNSPECIFIED\x10\x00\x12\x14\n\x10TRUNCATION_ERROR\x10\x01\x12\x13\n\x0fTRUNCATION_LEFT\x10\x02\x12\x14\n\x10TRUNCATION_RIGHT\x10\x03*{\n\tModelRole\x12\x1a\n\x16MODEL_ROLE_UNSPECIFIED\x10\x00\x12\x15\n\x11MODEL_ROLE_REWARD\x10\x01\x12\x18\n\x14MODEL_ROLE_REFERENCE\x10\x02\x12!\n\x1dMODEL_ROLE_REWARD_COMBINATION\x10\x03\x32\xb5\x02\n\rRewardService\x12\x36\n\x05Score\x12\x15.rlhf.v1.ScoreRequest\x1a\x16.rlhf.v1.ScoreResponse\x12@\n\x0bScoreStream\x12\x15.rlhf.v1.ScoreRequest\x1a\x16.rlhf.v1.ScoreResponse(\x01\x30\x01\x12Z\n\x11ReferenceLogProbs\x12!.rlhf.v1.ReferenceLogProbsRequest\x1a\".rlhf.v1.ReferenceLogProbsResponse\x12N\n\rGetServerInfo\x12\x1d.rlhf.v1.GetServerInfoRequest\x1a\x1e.rlhf.v1.GetServerInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n.reward_server/api/rlhf/v1/reward_service.proto\x12\x07rlhf.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"W\n\tScoreItem\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x12\n\ncompletion\x18\x02 \x01(\t\x12&\n\x08messages\x18\x03 \x03(\x0b\x32\x14.rlhf.v1.ChatMessage\"}\n\x0cScoreRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12!\n\x05items\x18\x02 \x03(\x0b\x32\x12.rlhf.v1.ScoreItem\x12\'\n\ntruncation\x18\x03 \x01(\x0e\x32\x13.rlhf.v1.Truncation\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"\xe5\x01\n\tItemScore\x12\r\n\x05score\x18\x01 \x01(\x02\x12\x37\n\x0bhead_scores\x18\x02 \x03(\x0b\x32\".rlhf.v1.ItemScore.HeadScoresEntry\x12\x12\n\nnum_tokens\x18\x03 \x01(\r\x12\x11\n\ttruncated\x18\x04 \x01(\x08\x12\x18\n\x10normalized_score\x18\x05 \x01(\x02\x12\x1c\n\x14has_normalized_score\x18\x06 \x01(\x08\x1a\x31\n\x0fHeadScoresEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\"W\n\x06Timing\x12\x10\n\x08queue_ms\x18\x01 \x01(\x02\x12\x13\n\x0btokenize_ms\x18\x02 \x01(\x02\x12\x14\n\x0cinference_ms\x18\x03 \x01(\x02\x12\x10\n\x08total_ms\x18\x04 \x01(\x02\"\x9f\x01\n\rScoreResponse\x12\"\n\x06scores\x18\x01 \x03(\x0b\x32\x12.rlhf.v1.ItemScore\x12\r\n\x05model\x18\x02 \x01(\t\x12\x1f\n\x06timing\x18\x03 \x01(\x0b\x32\x0f.rlhf.v1.Timing\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12&\n\x06status\x18\x05 \x01(\x0b\x32\x16.rlhf.v1.RequestStatus\"<\n\rRequestStatus\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\":\n\rTokenSequence\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x16\n\x0eresponse_start\x18\x02 \x01(\r\"\x9c\x01\n\x18ReferenceLogProbsRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12)\n\tsequences\x18\x02 \x03(\x0b\x32\x16.rlhf.v1.TokenSequence\x12\x13\n\x0btemperature\x18\x03 \x01(\x02\x12\x1d\n\x15tokenizer_fingerprint\x18\x04 \x01(\t\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"$\n\x10SequenceLogProbs\x12\x10\n\x08logprobs\x18\x01 \x03(\x02\"\x8b\x01\n\x19ReferenceLogProbsResponse\x12*\n\x07results\x18\x01 \x03(\x0b\x32\x19.rlhf.v1.SequenceLogProbs\x12\r\n\x05model\x18\x02 \x01(\t\x12\x1f\n\x06timing\x18\x03 \x01(\x0b\x32\x0f.rlhf.v1.Timing\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"\x16\n\x14GetServerInfoRequest\"\xb2\x02\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12 \n\x04role\x18\x02 \x01(\x0e\x32\x12.rlhf.v1.ModelRole\x12\r\n\x05heads\x18\x03 \x03(\t\x12\x1d\n\x15tokenizer_fingerprint\x18\x04 \x01(\t\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x06 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x07 \x01(\t\x12\x18\n\x10max_input_tokens\x18\x08 \x01(\r\x12\x12\n\nis_default\x18\t \x01(\x08\x12\x12\n\nvocab_size\x18\n \x01(\r\x12\x0e\n\x06source\x18\x0b \x01(\t\x12\x19\n\x11has_chat_template\x18\x0c \x01(\x08\x12\x19\n\x11has_normalization\x18\r \x01(\x08\x12\x0f\n\x07\x63ombine\x18\x0e \x01(\t\"\xa9\x02\n\x15GetServerInfoResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\"\n\x06models\x18\x02 \x03(\x0b\x32\x12.rlhf.v1.ModelInfo\x12\x1d\n\x15max_items_per_request\x18\x03 \x01(\r\x12\x18\n\x10max_batch_tokens\x18\x04 \x01(\r\x12\x17\n\x0fmax_batch_items\x18\x05 \x01(\r\x12\x19\n\x11max_message_bytes\x18\x06 \x01(\r\x12\x1c\n\x14\x64\x65\x66\x61ult_reward_model\x18\x07 \x01(\t\x12\x1f\n\x17\x64\x65\x66\x61ult_reference_model\x18\x08 \x01(\t\x12/\n\x12\x64\x65\x66\x61ult_truncation\x18\t \x01(\x0e\x32\x13.rlhf.v1.Truncation*i\n\nTruncation\x12\x1a\n\x16TRUNCATION_UNSPECIFIED\x10\x00\x12\x14\n\x10TRUNCATION_ERROR\x10\x01\x12\x13\n\x0fTRUNCATION_LEFT\x10\x02\x12\x14\n\x10TRUNCATION_RIGHT\x10\x03*{\n\tModelRole\x12\x1a\n\x16MODEL_ROLE_UNSPECIFIED\x10\x00\x12\x15\n\x11MODEL_ROLE_REWARD\x10\x01\x12\x18\n\x14MODEL_ROLE_REFERENCE\x10\x02\x12!\n\x1dMODEL_ROLE_REWARD_COMBINATION\x10\x03\x32\xb5\x02\n\rRewardService\x12\x36\n\x05Score\x12\x15.rlhf.v1.ScoreRequest\x1a\x16.rlhf.v1.ScoreResponse\x12@\n\x0bScoreStream\x12\x15.rlhf.v1.ScoreRequest\x1a\x16.rlhf.v1.ScoreResponse(\x01\x30\x01\x12Z\n\x11ReferenceLogProbs\x12!.rlhf.v1.ReferenceLogProbsRequest\x1a\".rlhf.v1.ReferenceLogProbsResponse\x12N\n\rGetServerInfo\x12\x1d.rlhf.v1.GetServerInfoRequest\x1a\x1e.rlhf.v1.GetServerInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,10 +33,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_ITEMSCORE_HEADSCORESENTRY']._loaded_options = None
   _globals['_ITEMSCORE_HEADSCORESENTRY']._serialized_options = b'8\001'
-  _globals['_TRUNCATION']._serialized_start=1795
-  _globals['_TRUNCATION']._serialized_end=1900
-  _globals['_MODELROLE']._serialized_start=1902
-  _globals['_MODELROLE']._serialized_end=2025
+  _globals['_TRUNCATION']._serialized_start=1898
+  _globals['_TRUNCATION']._serialized_end=2003
+  _globals['_MODELROLE']._serialized_start=2005
+  _globals['_MODELROLE']._serialized_end=2128
   _globals['_CHATMESSAGE']._serialized_start=59
   _globals['_CHATMESSAGE']._serialized_end=103
   _globals['_SCOREITEM']._serialized_start=105
@@ -49,22 +49,24 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ITEMSCORE_HEADSCORESENTRY']._serialized_end=551
   _globals['_TIMING']._serialized_start=553
   _globals['_TIMING']._serialized_end=640
-  _globals['_SCORERESPONSE']._serialized_start=642
-  _globals['_SCORERESPONSE']._serialized_end=761
-  _globals['_TOKENSEQUENCE']._serialized_start=763
-  _globals['_TOKENSEQUENCE']._serialized_end=821
-  _globals['_REFERENCELOGPROBSREQUEST']._serialized_start=824
-  _globals['_REFERENCELOGPROBSREQUEST']._serialized_end=980
-  _globals['_SEQUENCELOGPROBS']._serialized_start=982
-  _globals['_SEQUENCELOGPROBS']._serialized_end=1018
-  _globals['_REFERENCELOGPROBSRESPONSE']._serialized_start=1021
-  _globals['_REFERENCELOGPROBSRESPONSE']._serialized_end=1160
-  _globals['_GETSERVERINFOREQUEST']._serialized_start=1162
-  _globals['_GETSERVERINFOREQUEST']._serialized_end=1184
-  _globals['_MODELINFO']._serialized_start=1187
-  _globals['_MODELINFO']._serialized_end=1493
-  _globals['_GETSERVERINFORESPONSE']._serialized_start=1496
-  _globals['_GETSERVERINFORESPONSE']._serialized_end=1793
-  _globals['_REWARDSERVICE']._serialized_start=2028
-  _globals['_REWARDSERVICE']._serialized_end=2337
+  _globals['_SCORERESPONSE']._serialized_start=643
+  _globals['_SCORERESPONSE']._serialized_end=802
+  _globals['_REQUESTSTATUS']._serialized_start=804
+  _globals['_REQUESTSTATUS']._serialized_end=864
+  _globals['_TOKENSEQUENCE']._serialized_start=866
+  _globals['_TOKENSEQUENCE']._serialized_end=924
+  _globals['_REFERENCELOGPROBSREQUEST']._serialized_start=927
+  _globals['_REFERENCELOGPROBSREQUEST']._serialized_end=1083
+  _globals['_SEQUENCELOGPROBS']._serialized_start=1085
+  _globals['_SEQUENCELOGPROBS']._serialized_end=1121
+  _globals['_REFERENCELOGPROBSRESPONSE']._serialized_start=1124
+  _globals['_REFERENCELOGPROBSRESPONSE']._serialized_end=1263
+  _globals['_GETSERVERINFOREQUEST']._serialized_start=1265
+  _globals['_GETSERVERINFOREQUEST']._serialized_end=1287
+  _globals['_MODELINFO']._serialized_start=1290
+  _globals['_MODELINFO']._serialized_end=1596
+  _globals['_GETSERVERINFORESPONSE']._serialized_start=1599
+  _globals['_GETSERVERINFORESPONSE']._serialized_end=1896
+  _globals['_REWARDSERVICE']._serialized_start=2131
+  _globals['_REWARDSERVICE']._serialized_end=2440
 # @@protoc_insertion_point(module_scope)
