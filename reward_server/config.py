@@ -49,6 +49,10 @@ class ServerConfig:
     float16. Log-probs are always computed in float32."""
     quantization: Literal["none", "8bit", "4bit"] = "none"
     """bitsandbytes weight quantization for reward models: none, 8bit or 4bit."""
+    reference_quantization: Literal["none", "8bit", "4bit"] = "none"
+    """bitsandbytes weight quantization for reference models: none, 8bit or 4bit. Separate from
+    `quantization` because the reference log-probs feed the trainer's KL penalty, which then
+    carries the quantization's error (measured in docs/BENCHMARKS.md)."""
     backend: Literal["torch", "onnx"] = "torch"
     """Reward-model backend: torch, or onnx (a directory written by `reward-server export-onnx`)."""
     trust_remote_code: bool = False
@@ -204,6 +208,11 @@ class ServerConfig:
             require(not val or os.path.isfile(val), f"{key}: file {val!r} does not exist")
         if self.backend == "onnx":
             require(self.quantization == "none", "quantization applies to the torch backend only")
+            require(
+                not self.adapters,
+                "adapters apply to the torch backend only (--adapter with --backend onnx): merge "
+                "the adapter into the checkpoint before `reward-server export-onnx`",
+            )
 
     def resolved_max_batch_tokens(self, device: str) -> int:
         """The padded-token budget for a device (the configured one, else the device default)."""

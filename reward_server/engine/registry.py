@@ -45,6 +45,7 @@ class ModelDescription:
     has_chat_template: bool = False
     has_normalization: bool = False
     combine: str = ""
+    quantization: str = ""
 
 
 class ModelRegistry:
@@ -75,6 +76,7 @@ class ModelRegistry:
                     name,
                     source,
                     slice_bytes=int(cfg.logprob_slice_mb * (1 << 20)),
+                    quantization=cfg.reference_quantization,
                     **self._torch_options(name, dtype),
                 )
         for name, spec in cfg.combinations.items():
@@ -154,6 +156,7 @@ class ModelRegistry:
                 vocab_size=len(r.tokenizer),
                 has_normalization=r.normalization is not None,
                 combine=r.combiner.spec,
+                quantization=cfg.quantization if r.backend == "torch" else "",
                 **self._runner_fields(name, r),
             )
             for name, r in self.rewards.items()
@@ -177,6 +180,7 @@ class ModelRegistry:
                 backend="torch",
                 is_default=name == cfg.default_reference_model,
                 vocab_size=r.vocab_size,
+                quantization=cfg.reference_quantization,
                 **self._runner_fields(name, r),
             )
             for name, r in self.references.items()

@@ -91,7 +91,7 @@ def logprobs_response(
 # ModelDescription fields that ModelInfo names the same way
 _MODEL_INFO_SAME = (
     "name", "heads", "dtype", "backend", "device", "max_input_tokens", "is_default",
-    "vocab_size", "source", "has_chat_template", "has_normalization", "combine",
+    "vocab_size", "source", "has_chat_template", "has_normalization", "combine", "quantization",
 )  # fmt: skip
 
 

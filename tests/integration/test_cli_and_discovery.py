@@ -122,6 +122,10 @@ def test_serve_refuses_bad_config_clearly(tmp_path):
     r = run("serve", "--config", str(bad))
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert f"unknown key 'max_batch_token' in {bad}; did you mean 'max_batch_tokens'?" in r.stderr
+    # A flag the chosen backend cannot honour is refused, never ignored.
+    r = run("serve", "--backend", "onnx", "--reward-model", "rm=x", "--adapter", "rm=a")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "adapters apply to the torch backend only (--adapter with --backend onnx)" in r.stderr
 
 
 def test_yaml_config_with_flag_override(tiny_ckpts, tmp_path):
