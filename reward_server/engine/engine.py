@@ -162,12 +162,17 @@ class Engine:
             results = []
             for i in range(len(items)):
                 per = {m: parts[k][0][i].score for k, m in enumerate(comb.members)}
+                # The rule over the members' normalised scores, when every member has one: a
+                # weighted sum of z-scores, so members on different scales weigh as configured.
+                normed = {m: parts[k][0][i].normalized_score for k, m in enumerate(comb.members)}
+                complete = all(v is not None for v in normed.values())
                 results.append(
                     ScoreResult(
                         score=comb.apply(per),
                         head_scores=per,
                         num_tokens=max(p[0][i].num_tokens for p in parts),
                         truncated=any(p[0][i].truncated for p in parts),
+                        normalized_score=comb.apply(normed) if complete else None,  # type: ignore[arg-type]
                     )
                 )
             timing = Timing(
