@@ -298,6 +298,13 @@ def _call(
                 failed.append((i, target, out))
             else:
                 results[i] = out
+        answered = {  # replicas that answered (a final error is an answer too)
+            t
+            for t, out in zip(targets, outcomes, strict=True)
+            if not isinstance(out, Failure) or out.code not in policy.retryable
+        }
+        for target in answered:
+            policy.replicas.success(state.names[target])
         if not failed:
             return results
         step = state.after_failure([(t, f) for _, t, f in failed])

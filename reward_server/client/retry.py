@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import logging
 import random
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -23,6 +24,66 @@ RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXH
 """Codes that mean "not now, maybe elsewhere": the server is down, loading, draining or full."""
 GRPC_MAX_ATTEMPTS = 5
 """gRPC clamps a service config's ``retryPolicy.maxAttempts`` to 5 (gRFC A6)."""
+
+
+class ReplicaLog:
+    """What a client logs while replicas fail, without a line per failed call (thousands a
+    second under load): one WARNING when a replica starts failing, one when it answers again,
+    and between the two at most one summary line every `interval` seconds. Each failed attempt
+    is also logged at DEBUG. Thread-safe (one per client, shared by its calls)."""
+
+    def __init__(self, interval: float = 10.0) -> None:
+        self.interval = interval
+        self._lock = threading.Lock()
+        self._down: dict[str, list[Any]] = {}  # name -> [since, failures, last code, last detail]
+        self._summarised = time.monotonic()
+
+    def failure(self, name: str, code: grpc.StatusCode, details: str) -> None:
+        """A retryable failure of an attempt on replica `name`."""
+        log.debug("attempt on %s failed with %s (%s)", name, code.name, details)
+        now = time.monotonic()
+        with self._lock:
+            st = self._down.get(name)
+            if st is None:
+                self._down[name] = [now, 1, code.name, details]
+                log.warning(
+                    "replica %s is failing: %s (%s); retrying elsewhere or later, further "
+                    "failures summarised every %gs",
+                    name, code.name, details, self.interval,
+                )  # fmt: skip
+            else:
+                st[1] += 1
+                st[2], st[3] = code.name, details
+                self._maybe_summarise(now)
+
+    def success(self, name: str) -> None:
+        """An attempt on replica `name` was answered."""
+        if name not in self._down:  # the common case, without the lock
+            return
+        with self._lock:
+            st = self._down.pop(name, None)
+            if st is not None:
+                log.warning(
+                    "replica %s answers again (%d failed attempt(s) over %.1fs)",
+                    name, st[1], time.monotonic() - st[0],
+                )  # fmt: skip
+
+    def _maybe_summarise(self, now: float) -> None:
+        if now - self._summarised < self.interval:
+            return
+        self._summarised = now
+        parts = [
+            f"{name}: {st[1]} failed attempt(s) over {now - st[0]:.0f}s (last: {st[2]})"
+            for name, st in self._down.items()
+        ]
+        if parts:
+            log.warning("replicas still failing: %s", "; ".join(parts))
+
+    @property
+    def failing(self) -> list[str]:
+        """Replicas whose last attempt failed."""
+        with self._lock:
+            return list(self._down)
 
 
 class RewardServiceError(Exception):
@@ -82,6 +143,8 @@ class RetryPolicy:
     """Total time to keep retrying a call across rounds; None: the call's deadline only."""
     retryable: frozenset[grpc.StatusCode] = RETRYABLE
     """Codes that are retried (with a budget, DEADLINE_EXCEEDED of a round too)."""
+    replicas: ReplicaLog = field(default_factory=ReplicaLog, compare=False, repr=False)
+    """Logs replica failures and recoveries once, not once per failed call."""
     _rr: Any = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -163,13 +226,15 @@ class CallState:
                 self.budget and f.code == grpc.StatusCode.DEADLINE_EXCEEDED
             ):
                 raise RewardServiceError(f.code, f.details, self.method) from None
+        for t, f in failures:
+            pol.replicas.failure(self.names[t], f.code, f.details)
         target, f = failures[0]
         nxt = (target + 1) % len(self.names)
         left = self.remaining()
         if pol.targets > 1 and self.retries < pol.max_retries and left > 0:
             self.retries += 1
             delay = min(pol.backoff(self.retries - 1), max(0.0, left - 0.01))
-            log.warning(
+            log.debug(
                 "%s to %s failed with %s (%s); retry %d/%d on %s in %.2fs",
                 self.method, self.names[target], f.code.name, f.details, self.retries,
                 pol.max_retries, self.names[nxt], delay,
@@ -183,7 +248,7 @@ class CallState:
                 self.rounds += 1
                 self.retries = 0
                 self.deadline = None
-                log.warning(
+                log.debug(
                     "%s to %s failed with %s (%s); %.1fs of the %gs retry budget spent, next "
                     "round on %s in %.2fs",
                     self.method, self.names[target], f.code.name, f.details, elapsed,
