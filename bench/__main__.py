@@ -16,6 +16,7 @@ COMMANDS = {
     "onnx": ("bench.onnx_speed", "ONNX Runtime against torch on the same batches"),
     "quantized": ("bench.quantized", "bitsandbytes 8/4-bit reward models: ranks and memory"),
     "report": ("bench.report", "markdown tables of saved compare results"),
+    "fuzz": ("bench.fuzz", "random and hostile input on every RPC: counts by status code"),
     "profile": ("bench.profile", "py-spy: where the server's time goes, by thread and job"),
     "trainer": (
         "bench.trainer_rpc",

@@ -37,13 +37,20 @@ class RefSequence:
     temperature: float = 1.0
 
 
+MIN_TEMPERATURE = 1e-4
+"""Below this the scaled logits can overflow float32 (logits of 10 over 1e-38 are inf) and every
+token but the argmax gets -inf: such a temperature is greedy decoding, whose log-probs are
+degenerate. Found by fuzzing (docs/BENCHMARKS.md, "Fuzzing")."""
+
+
 def validate_temperature(temperature: float) -> float:
-    """0 means 1.0; NaN, infinite or negative values are rejected."""
+    """0 means 1.0; NaN, infinite, negative and tiny (< MIN_TEMPERATURE) values are rejected."""
     if temperature == 0:
         return 1.0
-    if not math.isfinite(temperature) or temperature < 0:
+    if not math.isfinite(temperature) or temperature < MIN_TEMPERATURE:
         raise InvalidArgument(
-            f"temperature must be a finite number > 0 (0 means 1.0), got {temperature}"
+            f"temperature must be a finite number >= {MIN_TEMPERATURE:g} (0 means 1.0), "
+            f"got {temperature:g}"
         )
     return float(temperature)
 
