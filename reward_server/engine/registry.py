@@ -75,6 +75,8 @@ class ModelRegistry:
                     name,
                     source,
                     slice_bytes=int(cfg.logprob_slice_mb * (1 << 20)),
+                    prefix_sharing=cfg.prefix_sharing,
+                    prefix_cache_mb=cfg.prefix_cache_mb,
                     **self._torch_options(name, dtype),
                 )
         for name, spec in cfg.combinations.items():
@@ -98,6 +100,8 @@ class ModelRegistry:
             name,
             source,
             quantization=cfg.quantization,
+            prefix_sharing=cfg.prefix_sharing,
+            prefix_cache_mb=cfg.prefix_cache_mb,
             head_combine=head_combine,
             **self._torch_options(name, dtype),
         )
