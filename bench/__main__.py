@@ -15,6 +15,7 @@ COMMANDS = {
     "budget": ("bench.budget", "in-process throughput against the padded-token budget"),
     "onnx": ("bench.onnx_speed", "ONNX Runtime against torch on the same batches"),
     "quantized": ("bench.quantized", "bitsandbytes 8/4-bit reward models: ranks and memory"),
+    "groups": ("bench.groups", "k samples of a prompt: prefix sharing against unshared"),
     "report": ("bench.report", "markdown tables of saved compare results"),
     "fuzz": ("bench.fuzz", "random and hostile input on every RPC: counts by status code"),
     "profile": ("bench.profile", "py-spy: where the server's time goes, by thread and job"),

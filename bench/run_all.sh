@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # The runs behind docs/BENCHMARKS.md, in order of importance. Each writes JSON under runs/bench/
 # and prints a table; PNG curves go to docs/. Usage: bash bench/run_all.sh [SECTION...]
-# Sections: tiny small gpt2 latency reference budget onnx quantized curves trainer profile (default: all;
+# Sections: tiny small gpt2 latency reference groups budget onnx quantized curves trainer profile (default: all;
 # profile needs py-spy).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 sections=("$@")
-[ ${#sections[@]} -eq 0 ] && sections=(tiny small gpt2 latency reference budget onnx quantized curves trainer)
+[ ${#sections[@]} -eq 0 ] && sections=(tiny small gpt2 latency reference groups budget onnx quantized curves trainer)
 T=server,inprocess,inprocess_tight,inprocess_b1,naive
 mkdir -p runs/bench
 for s in "${sections[@]}"; do
@@ -35,6 +35,9 @@ for s in "${sections[@]}"; do
       $PY -m bench latency --kind tiny --length 64 --max-wait-ms 5 --duration 10 --repeats 2 ;;
     reference)
       $PY -m bench reference --kind small --seqs 8,16,32,64 --length 512 --repeats 2 ;;
+    groups)
+      $PY -m bench groups --kind small --prompts 256 --ks 1,8 --clients 32 --rounds 2 --inprocess-repeats 3
+      $PY -m bench groups --kind small --prompts 1024 --ks 16 --clients 8 --rounds 2 --inprocess-repeats 2 ;;
     budget)
       $PY -m bench budget --kind gpt2-small --budgets 512,1024,2048,4096,8192 --items 48 --repeats 2 ;;
     onnx)

@@ -116,8 +116,11 @@ def collect_rollout(
     values of all chunks are computed after the last chunk is sampled, so the last chunks' RPCs
     overlap the whole policy forward instead of one chunk's; "chunk" computes each chunk's right
     after it is sampled; "none" blocks on each chunk's RPCs at once (the sequential baseline).
-    Results are collected at the end. Returns the batch and timing stats (generation_seconds,
-    policy_forward_seconds, rpc_wait_seconds).
+    Results are collected at the end. Returns the batch and stats (generation_seconds,
+    policy_forward_seconds, rpc_wait_seconds, and prompt_tokens_saved_share: the share of the
+    prompt tokens a prefix-sharing server computes once for several samples,
+    `shared_prompt_tokens`). The samples of a prompt are adjacent, so a chunk_size that is a
+    multiple of samples_per_prompt sends all of them in one request.
     """
     seqs = [p for p in prompts for _ in range(cfg.samples_per_prompt)]
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
@@ -139,6 +142,7 @@ def collect_rollout(
         fwd_seconds += time.perf_counter() - t
 
     remote.pop_wait_seconds()
+    shared_tokens = 0
     for start in range(0, len(seqs), cfg.chunk_size):
         chunk = seqs[start : start + cfg.chunk_size]
         t0 = time.perf_counter()
@@ -159,6 +163,7 @@ def collect_rollout(
         lengths = rmask.sum(dim=1).tolist()
         resp_lists = [resp[i, : lengths[i]].tolist() for i in range(len(chunk))]
         completions = tokenizer.batch_decode(resp_lists, skip_special_tokens=True)
+        shared_tokens += shared_prompt_tokens([p.token_ids for p in chunk])
         rpcs = remote.submit(
             [_reward_input(p, c) for p, c in zip(chunk, completions, strict=True)],
             [p.token_ids + r for p, r in zip(chunk, resp_lists, strict=True)],
@@ -216,4 +221,15 @@ def collect_rollout(
         "generation_seconds": gen_seconds,
         "policy_forward_seconds": fwd_seconds,
         "rpc_wait_seconds": remote.pop_wait_seconds(),
+        "prompt_tokens_saved_share": shared_tokens / max(1, sum(len(p.token_ids) for p in seqs)),
     }
+
+
+def shared_prompt_tokens(prompts: list[list[int]]) -> int:
+    """Prompt tokens a prefix-sharing server need not recompute for one RPC's sequences: each
+    distinct prompt sent n times counts ``(n - 1) x len(prompt)`` (docs/API.md, "Batching": the
+    samples of one prompt in one request share its forward)."""
+    counts: dict[tuple[int, ...], int] = {}
+    for ids in prompts:
+        counts[tuple(ids)] = counts.get(tuple(ids), 0) + 1
+    return sum((n - 1) * len(ids) for ids, n in counts.items())

@@ -95,6 +95,14 @@ class ServerConfig:
     logprob_slice_mb: float = 64.0
     """Memory budget (MiB) for one [rows, vocab] float32 logits slice in ReferenceLogProbs; the
     full [batch, seq, vocab] tensor is never built."""
+    prefix_sharing: bool = True
+    """Items of one batch that share leading tokens (the k samples of one prompt) run those
+    tokens once through a decoder reward or reference model, against a key/value cache
+    (docs/API.md, "Batching"); encoder models always take the normal path. Same numbers within
+    float rounding."""
+    prefix_cache_mb: float = 256.0
+    """Memory budget (MiB) of the prefix key/value cache gathered for one pass of continuations;
+    a larger group runs in several passes (never fails)."""
     tokenizer_threads: int = 2
     """Threads for tokenisation (the fast tokenizers release the GIL)."""
     inline_tokenize_chars: int = 4096
@@ -188,6 +196,7 @@ class ServerConfig:
             math.isfinite(self.max_wait_ms) and self.max_wait_ms >= 0, "max_wait_ms must be >= 0"
         )
         require(self.logprob_slice_mb > 0, "logprob_slice_mb must be > 0")
+        require(self.prefix_cache_mb > 0, "prefix_cache_mb must be > 0")
         require(
             self.batch_overhead_tokens == -1 or self.batch_overhead_tokens >= 0,
             "batch_overhead_tokens must be >= 0, or -1 (measured at warm-up)",

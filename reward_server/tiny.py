@@ -131,6 +131,62 @@ def build_tiny_checkpoints(
     return paths
 
 
+def build_tiny_llama(
+    out_dir: str | Path,
+    *,
+    n_layer: int = 2,
+    hidden: int = 64,
+    n_head: int = 4,
+    n_kv_head: int = 2,
+    n_positions: int = 256,
+    vocab_size: int = 512,
+    seed: int = 0,
+) -> TinyCheckpoints:
+    """Llama-shaped checkpoints (rotary positions, grouped-query attention, RMSNorm) whose
+    tokenizer prepends a BOS token, as Llama's does: a reward model, a 2-head reward model and a
+    causal LM, written like `build_tiny_checkpoints`."""
+    import torch
+    from tokenizers import processors
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+
+    out = Path(out_dir)
+    tok = train_tokenizer(vocab_size=vocab_size, seed=seed, model_max_length=n_positions)
+    tok.add_special_tokens({"bos_token": "<s>"})
+    bos = tok.bos_token_id
+    tok._tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)]
+    )
+    common = dict(
+        vocab_size=len(tok),
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=n_layer,
+        num_attention_heads=n_head,
+        num_key_value_heads=n_kv_head,
+        max_position_embeddings=n_positions,
+        bos_token_id=bos,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        attention_dropout=0.0,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    paths = TinyCheckpoints(out / "reward", out / "reference", out / "reward_2head")
+    for path, model in (
+        (paths.reward, LlamaForSequenceClassification(LlamaConfig(num_labels=1, **common))),
+        (
+            paths.multihead_reward,
+            LlamaForSequenceClassification(
+                LlamaConfig(num_labels=2, id2label={0: "helpfulness", 1: "safety"}, **common)
+            ),
+        ),
+        (paths.reference, LlamaForCausalLM(LlamaConfig(**common))),
+    ):
+        model.save_pretrained(path)
+        tok.save_pretrained(path)
+    return paths
+
+
 if __name__ == "__main__":  # python -m reward_server.tiny OUT_DIR
     import sys
 

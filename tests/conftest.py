@@ -51,6 +51,14 @@ def tiny_ckpts(tmp_path_factory: pytest.TempPathFactory):
     return build_tiny_checkpoints(tmp_path_factory.mktemp("tiny"))
 
 
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory: pytest.TempPathFactory):
+    """Llama-shaped tiny checkpoints whose tokenizer prepends a BOS token (built once)."""
+    from reward_server.tiny import build_tiny_llama
+
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
+
+
 @pytest.fixture(scope="module")
 def tiny_server(tiny_ckpts, tmp_path_factory) -> Iterator[ServerProcess]:
     """One server with the tiny reward (default), the 2-head reward ("rm2") and the reference."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -23,6 +24,7 @@ from reward_server.engine import calibration
 from reward_server.engine.batcher import BatchObserver, DynamicBatcher
 from reward_server.engine.registry import ModelRegistry
 from reward_server.errors import FailedPrecondition, InvalidArgument
+from reward_server.models.prefix import Group, SharingObserver, batch_lengths, tokens_saved
 from reward_server.models.reference import RefSequence, validate_temperature
 from reward_server.models.reward import ScoreInput
 from reward_server.score_result import ScoreResult
@@ -47,6 +49,15 @@ def _text_chars(items: list[ScoreInput]) -> int:
         for m in it.messages or ():
             total += len(m.get("content", "")) + len(m.get("role", ""))
     return total
+
+
+def _sharing_reporter(on_groups: Callable[[str, int, list[int]], None]) -> SharingObserver:
+    """A runner's sharing callback feeding the observer: tokens saved and group sizes."""
+
+    def report(model: str, groups: Sequence[Group]) -> None:
+        on_groups(model, tokens_saved(groups), [len(g.members) for g in groups])
+
+    return report
 
 
 class Engine:
@@ -90,7 +101,10 @@ class Engine:
         # the batcher's settings that are config keys of the same name
         same = ("max_batch_items", "max_wait_ms", "skip_wait_when_idle", "max_queue_items")
         settings = {key: getattr(cfg, key) for key in same}
+        on_groups = getattr(self.observer, "on_prefix_groups", None)
         for name, runner in self.registry.runners().items():
+            if on_groups is not None and getattr(runner, "prefix_sharing", False):
+                runner.on_sharing = _sharing_reporter(on_groups)
             b = DynamicBatcher(
                 name,
                 runner.forward,
@@ -201,9 +215,12 @@ class Engine:
                 self._tokenizer_pool, runner.encode, items, truncation
             )
         tok_s = time.monotonic() - t0
-        sub = await self.batchers[name].submit(
-            encoded, [len(e.input_ids) for e in encoded], deadline
-        )
+        ids = [e.input_ids for e in encoded]
+        if getattr(runner, "prefix_sharing", False):
+            lengths = batch_lengths(ids, [runner.share_limit(s) for s in ids])
+        else:
+            lengths = [len(s) for s in ids]
+        sub = await self.batchers[name].submit(encoded, lengths, deadline)
         results = []
         for enc, values in zip(encoded, sub.results, strict=True):
             score = runner.combine(values)
@@ -242,7 +259,9 @@ class Engine:
         runner.validate(seqs)
         for s in seqs:
             s.temperature = temp
-        sub = await self.batchers[name].submit(seqs, [len(s.token_ids) for s in seqs], deadline)
+        ids = [s.token_ids for s in seqs]
+        lengths = batch_lengths(ids) if runner.prefix_sharing else [len(s) for s in ids]
+        sub = await self.batchers[name].submit(seqs, lengths, deadline)
         return (
             name,
             sub.results,

@@ -77,6 +77,8 @@ class ModelRegistry:
                     source,
                     slice_bytes=int(cfg.logprob_slice_mb * (1 << 20)),
                     quantization=cfg.reference_quantization,
+                    prefix_sharing=cfg.prefix_sharing,
+                    prefix_cache_mb=cfg.prefix_cache_mb,
                     **self._torch_options(name, dtype),
                 )
         for name, spec in cfg.combinations.items():
@@ -100,6 +102,8 @@ class ModelRegistry:
             name,
             source,
             quantization=cfg.quantization,
+            prefix_sharing=cfg.prefix_sharing,
+            prefix_cache_mb=cfg.prefix_cache_mb,
             head_combine=head_combine,
             **self._torch_options(name, dtype),
         )

@@ -21,6 +21,19 @@ import numpy as np
 from reward_server.errors import InvalidArgument
 from reward_server.fingerprint import tokenizer_fingerprint
 from reward_server.models.loading import LoadOptions, load_model, max_positions
+from reward_server.models.prefix import (
+    Group,
+    SharingObserver,
+    cache_argument,
+    chunk_members,
+    distinct_heads,
+    plan_groups,
+    probe_ids,
+    run_continuations,
+    run_prefix,
+    sharing_agrees,
+    split_groups,
+)
 from reward_server.models.runner import run_with_oom_split
 from reward_server.tokenizer_loading import load_tokenizer
 
@@ -67,10 +80,15 @@ class ReferenceRunner:
         slice_bytes: int = 64 << 20,
         model: Any = None,
         tokenizer: Any = None,
+        prefix_sharing: bool = True,
+        prefix_cache_mb: float = 256.0,
         **load: Unpack[LoadOptions],
     ) -> None:
         """Load `source` with the `load` options (`LoadOptions`), unless `model` and
-        `tokenizer` are given already loaded; `slice_bytes` bounds one slice of float32 logits."""
+        `tokenizer` are given already loaded; `slice_bytes` bounds one slice of float32 logits.
+        With `prefix_sharing`, sequences of a batch that share leading tokens run them once
+        (`reward_server.models.prefix`), the gathered prefix cache of one pass held under
+        `prefix_cache_mb`."""
         from transformers import AutoModelForCausalLM
 
         self.name, self.source, self.device = name, source, load["device"]
@@ -95,6 +113,15 @@ class ReferenceRunner:
         self.softcap = getattr(cfg, "final_logit_softcapping", None)
         self.logit_scale = getattr(cfg, "logit_scale", None)
         self.has_chat_template = bool(getattr(self.tokenizer, "chat_template", None))
+        self.cache_bytes = int(prefix_cache_mb * (1 << 20))
+        self.on_sharing: SharingObserver | None = None  # set by the engine (metrics)
+        self.cache_arg = cache_argument(self.trunk) if prefix_sharing else None
+        if self.cache_arg:
+            probe = probe_ids(self.vocab_size, self.pad_id)
+            seqs = [RefSequence(probe[:k], 10) for k in (21, 22, 24)]
+            if not sharing_agrees(self._forward_plain, self._forward, seqs, self.dtype):
+                self.cache_arg = None
+        self.prefix_sharing = self.cache_arg is not None
 
     def validate(self, seqs: Sequence[RefSequence]) -> None:
         """InvalidArgument naming the sequence index and the limit."""
@@ -124,6 +151,96 @@ class ReferenceRunner:
         return run_with_oom_split(self._forward, batch)
 
     def _forward(self, batch: Sequence[RefSequence]) -> list[np.ndarray]:
+        """Log-probs per sequence; sequences sharing a prefix run it once when sharing is on."""
+        if self.cache_arg is None or len(batch) < 2:
+            return self._forward_plain(batch)
+        seqs = [s.token_ids for s in batch]
+        groups, single = split_groups(plan_groups(seqs))
+        if not groups:
+            return self._forward_plain(batch)
+        out: list[Any] = [None] * len(batch)
+        if single:
+            for i, v in zip(single, self._forward_plain([batch[i] for i in single]), strict=True):
+                out[i] = v
+        if not self._forward_shared(groups, batch, out):
+            rest = [i for g in groups for i in g.members]
+            for i, v in zip(rest, self._forward_plain([batch[i] for i in rest]), strict=True):
+                out[i] = v
+        elif self.on_sharing is not None:
+            self.on_sharing(self.name, groups)
+        return out
+
+    def _forward_shared(
+        self, groups: list[Group], batch: Sequence[RefSequence], out: list[Any]
+    ) -> bool:
+        """Fill `out` for the groups' members through the shared path; False when the model's
+        cache cannot be shared (nothing filled). The hidden state scoring token t is at t-1: in
+        the prefix pass for t-1 < prefix_len (the first completion token is scored by the
+        prefix's last position), else in the continuation pass."""
+        import torch
+
+        dev = self.device
+        seqs = [s.token_ids for s in batch]
+        with torch.inference_mode():
+            pre = run_prefix(self.trunk, groups, seqs, self.pad_id, dev)
+            if pre is None:
+                return False
+            pre_hidden = pre.output[0]  # [G, P, H]
+            n_pre, width = pre_hidden.shape[0] * pre_hidden.shape[1], pre_hidden.shape[1]
+            for chunk in chunk_members(groups, pre, self.cache_bytes):
+                res, ids = run_continuations(
+                    self.trunk, chunk, groups, pre, seqs, self.pad_id, dev, self.cache_arg
+                )
+                hidden = res[0]  # [B, C, H]
+                cont_w = hidden.shape[1]
+                index, targets, temps, counts = [], [], [], []
+                for b, (r, i) in enumerate(chunk):
+                    s, p = batch[i], groups[r].prefix_len
+                    for j in range(s.response_start - 1, len(s.token_ids) - 1):
+                        index.append(r * width + j if j < p else n_pre + b * cont_w + (j - p))
+                    targets += s.token_ids[s.response_start :]
+                    counts.append(len(s.token_ids) - s.response_start)
+                    temps += [s.temperature] * counts[-1]
+                flat = torch.cat(
+                    [pre_hidden.reshape(n_pre, -1), hidden.reshape(-1, hidden.shape[-1])]
+                )  # [G*P + B*C, H]
+                logps = (
+                    self._logps(
+                        flat[torch.tensor(index, device=dev)],
+                        torch.tensor(targets, device=dev),
+                        torch.tensor(temps, dtype=torch.float32, device=dev),
+                    )
+                    .cpu()
+                    .numpy()
+                )
+                offset = 0
+                for (_, i), k in zip(chunk, counts, strict=True):
+                    out[i] = logps[offset : offset + k].copy()
+                    offset += k
+        return True
+
+    def _logps(self, h: Any, targets: Any, temps: Any) -> Any:
+        """float32 log-probs [N] of `targets` [N] from hidden states `h` [N, H] at `temps` [N],
+        the LM head and log-softmax run over slices of `slice_rows` rows."""
+        import torch
+
+        n = h.shape[0]
+        logps = torch.empty(n, dtype=torch.float32, device=h.device)  # [N]
+        for a in range(0, n, self.slice_rows):
+            e = min(a + self.slice_rows, n)
+            logits = self.lm_head(h[a:e]).float()  # [S, V]
+            if self.logit_scale:
+                logits = logits * float(self.logit_scale)
+            if self.softcap:
+                logits = torch.tanh(logits / self.softcap) * self.softcap
+            logits = logits / temps[a:e, None]
+            logps[a:e] = (
+                torch.log_softmax(logits, dim=-1).gather(-1, targets[a:e, None]).squeeze(-1)
+            )
+        return logps
+
+    def _forward_plain(self, batch: Sequence[RefSequence]) -> list[np.ndarray]:
+        """Every sequence whole, right-padded, in one forward."""
         import torch
 
         dev = self.device
@@ -155,18 +272,7 @@ class ReferenceRunner:
             hidden = out[0]  # [B, T, H]
             h = hidden[rows_t, cols_t - 1]  # [N, H]: logits at t-1 score token t
             targets = ids.to(dev)[rows_t, cols_t]  # [N]
-            logps = torch.empty(len(rows), dtype=torch.float32, device=dev)  # [N]
-            for a in range(0, len(rows), self.slice_rows):
-                e = min(a + self.slice_rows, len(rows))
-                logits = self.lm_head(h[a:e]).float()  # [S, V]
-                if self.logit_scale:
-                    logits = logits * float(self.logit_scale)
-                if self.softcap:
-                    logits = torch.tanh(logits / self.softcap) * self.softcap
-                logits = logits / temps_t[a:e, None]
-                logps[a:e] = (
-                    torch.log_softmax(logits, dim=-1).gather(-1, targets[a:e, None]).squeeze(-1)
-                )
+            logps = self._logps(h, targets, temps_t)
         flat = logps.cpu().numpy()
         result, offset = [], 0
         for s in batch:
@@ -179,4 +285,6 @@ class ReferenceRunner:
         """The largest batch the batcher can form, for warm-up."""
         n = max(1, min(max_items, budget_tokens // max(2, min(self.max_len, 64))))
         length = max(2, min(self.max_len, budget_tokens // n))
-        return [RefSequence([0] * length, 1, 1.0) for _ in range(n)]
+        # different starts: no shared prefix, so the plain forward is warmed up and measured
+        heads = distinct_heads(n, self.vocab_size, -1)
+        return [RefSequence((h + [0] * length)[:length], 1, 1.0) for h in heads]

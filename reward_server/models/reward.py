@@ -13,6 +13,19 @@ from reward_server.engine.combine import Combiner, parse_combiner
 from reward_server.errors import InvalidArgument
 from reward_server.fingerprint import tokenizer_fingerprint
 from reward_server.models.loading import LoadOptions, load_model, max_positions
+from reward_server.models.prefix import (
+    Group,
+    SharingObserver,
+    cache_argument,
+    chunk_members,
+    distinct_heads,
+    plan_groups,
+    probe_ids,
+    run_continuations,
+    run_prefix,
+    sharing_agrees,
+    split_groups,
+)
 from reward_server.models.runner import run_with_oom_split
 from reward_server.models.text_format import render_messages, render_pair
 from reward_server.tokenizer_loading import classifier_pad_id, load_tokenizer
@@ -150,11 +163,23 @@ class RewardRunnerBase:
         n = max(1, min(max_items, budget_tokens // max(1, min(self.max_len, 64))))
         length = max(1, min(self.max_len, budget_tokens // n))
         tok = 0 if self.pad_id != 0 else 1  # any non-pad token
-        return [EncodedItem([tok] * length, False) for _ in range(n)]
+        if length < 2:
+            return [EncodedItem([tok] * length, False) for _ in range(n)]
+        # different starts: no shared prefix, so the plain forward is warmed up and measured
+        heads = distinct_heads(n, min(len(self.tokenizer), self.vocab_rows()), self.pad_id)
+        return [EncodedItem(h + [tok] * (length - 2), False) for h in heads]
+
+    def vocab_rows(self) -> int:
+        """Rows of the model's input embedding (the tokenizer's size where it has no other)."""
+        return len(self.tokenizer)
 
 
 class RewardRunner(RewardRunnerBase):
     """A loaded reward model (`AutoModelForSequenceClassification`) and its tokenizer."""
+
+    def vocab_rows(self) -> int:
+        """Rows of the model's input embedding."""
+        return int(self.model.get_input_embeddings().num_embeddings)
 
     def __init__(
         self,
@@ -165,10 +190,14 @@ class RewardRunner(RewardRunnerBase):
         head_combine: str = "",
         model: Any = None,
         tokenizer: Any = None,
+        prefix_sharing: bool = True,
+        prefix_cache_mb: float = 256.0,
         **load: Unpack[LoadOptions],
     ) -> None:
         """Load `source` with the `load` options (`LoadOptions`), unless `model` and
-        `tokenizer` are given already loaded."""
+        `tokenizer` are given already loaded. With `prefix_sharing`, items of a batch that share
+        leading tokens run them once (`reward_server.models.prefix`; causal models only), the
+        gathered prefix cache of one pass held under `prefix_cache_mb`."""
         from transformers import AutoModelForSequenceClassification
 
         tokenizer = tokenizer or load_tokenizer(
@@ -190,8 +219,68 @@ class RewardRunner(RewardRunnerBase):
             max_input_tokens,
             head_combine,
         )
+        self.cache_bytes = int(prefix_cache_mb * (1 << 20))
+        self.on_sharing: SharingObserver | None = None  # set by the engine (metrics)
+        self.cache_arg = cache_argument(self.model) if prefix_sharing else None
+        self.trunk = getattr(self.model, self.model.base_model_prefix, None)
+        if self.cache_arg and self.trunk is not None:
+            probe = probe_ids(self.vocab_rows(), self.pad_id)
+            probe_items = [EncodedItem(probe[:k], False) for k in (21, 22, 24)]
+            if not sharing_agrees(self._forward_plain, self._forward, probe_items, self.dtype):
+                log.info("%s: shared-prefix path disagrees with the model; not used", name)
+                self.cache_arg = None
+        else:
+            self.cache_arg = None
+        self.prefix_sharing = self.cache_arg is not None
 
     def _forward(self, batch: Sequence[EncodedItem]) -> list[np.ndarray]:
+        """Head values per item; items sharing a prefix run it once when sharing is on."""
+        if self.cache_arg is None or len(batch) < 2:
+            return self._forward_plain(batch)
+        seqs = [it.input_ids for it in batch]
+        groups, single = split_groups(plan_groups(seqs, [self.share_limit(s) for s in seqs]))
+        if not groups:
+            return self._forward_plain(batch)
+        out: list[Any] = [None] * len(batch)
+        if single:
+            for i, v in zip(single, self._forward_plain([batch[i] for i in single]), strict=True):
+                out[i] = v
+        if not self._forward_shared(groups, seqs, out):
+            rest = [i for g in groups for i in g.members]
+            for i, v in zip(rest, self._forward_plain([batch[i] for i in rest]), strict=True):
+                out[i] = v
+        elif self.on_sharing is not None:
+            self.on_sharing(self.name, groups)
+        return out
+
+    def share_limit(self, ids: Sequence[int]) -> int:
+        """Most leading tokens an item may share: the head reads the last non-pad token (as the
+        model's own pooling does), which must run in the continuation pass."""
+        for j in range(len(ids) - 1, -1, -1):
+            if ids[j] != self.pad_id:
+                return j
+        return 0
+
+    def _forward_shared(self, groups: list[Group], seqs: list[list[int]], out: list[Any]) -> bool:
+        """Fill `out` for the groups' members through the shared path; False when the model's
+        cache cannot be shared (nothing filled)."""
+        import torch
+
+        with torch.inference_mode():
+            pre = run_prefix(self.trunk, groups, seqs, self.pad_id, self.device)
+            if pre is None:
+                return False
+            for chunk in chunk_members(groups, pre, self.cache_bytes):
+                res, _ = run_continuations(
+                    self.model, chunk, groups, pre, seqs, self.pad_id, self.device, self.cache_arg
+                )
+                values = res.logits.float().cpu().numpy()  # [B, H]
+                for b, (_, i) in enumerate(chunk):
+                    out[i] = values[b]
+        return True
+
+    def _forward_plain(self, batch: Sequence[EncodedItem]) -> list[np.ndarray]:
+        """Every item whole, right-padded, in one forward."""
         import torch
 
         ids, mask = pad_right(batch, self.pad_id)

@@ -47,6 +47,14 @@ class ServerMetrics:
             "tokenize_seconds", "Tokenisation time per Score request", "model", _LAT
         )
         self.inflight = gauge("inflight_requests", "RPCs being handled")
+        self.prefix_saved = counter(
+            "prefix_tokens_saved",
+            "Prompt tokens not recomputed thanks to prefix sharing ((k - 1) x prefix per group)",
+            "model",
+        )
+        self.prefix_group_size = histogram(
+            "prefix_group_size", "Items per shared-prefix group in a forward", "model", _ITEMS
+        )
 
     def serve_http(self, port: int, host: str = "0.0.0.0") -> None:
         """Expose /metrics over HTTP."""
@@ -63,6 +71,12 @@ class ServerMetrics:
         self.padding_eff.labels(model).set(real_tokens / max(1, padded_tokens))
         self.forwards.labels(model).inc()
         self.inference_time.labels(model).observe(seconds)
+
+    def on_prefix_groups(self, model: str, saved_tokens: int, sizes: list[int]) -> None:
+        """One forward's shared-prefix groups (called from a forward's worker thread)."""
+        self.prefix_saved.labels(model).inc(saved_tokens)
+        for n in sizes:
+            self.prefix_group_size.labels(model).observe(n)
 
     def on_queue_time(self, model: str, seconds: float) -> None:
         self.queue_time.labels(model).observe(seconds)

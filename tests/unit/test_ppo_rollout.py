@@ -271,7 +271,14 @@ def test_overlap_modes_order_work_and_give_the_same_batch(
             torch.device("cpu"),
             torch.Generator().manual_seed(5),
         )
-        assert set(timing) == {"generation_seconds", "policy_forward_seconds", "rpc_wait_seconds"}
+        assert set(timing) == {
+            "generation_seconds",
+            "policy_forward_seconds",
+            "rpc_wait_seconds",
+            "prompt_tokens_saved_share",
+        }
+        # chunks of 2 = the 2 samples of one prompt per request: half the prompt tokens shared
+        assert timing["prompt_tokens_saved_share"] == 0.5
         return batch
 
     got = run(overlap)
@@ -285,3 +292,10 @@ def test_overlap_modes_order_work_and_give_the_same_batch(
     for name in ("response", "response_mask", "old_logprobs", "old_values", "scores", "valid"):
         assert torch.equal(getattr(got, name), getattr(ref, name)), name
     assert got.completions == ref.completions
+
+
+def test_shared_prompt_tokens_counts_repeats_within_one_request() -> None:
+    from policy_trainer.rollout import shared_prompt_tokens
+
+    assert shared_prompt_tokens([[1, 2, 3]] * 4 + [[5, 6]] + [[7] * 10] * 2) == 3 * 3 + 10
+    assert shared_prompt_tokens([[1, 2], [1, 3]]) == 0
