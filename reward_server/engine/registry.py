@@ -174,9 +174,7 @@ class ModelRegistry:
                 device=self.device,
                 max_input_tokens=min(self.rewards[m].max_len for m in c.members),
                 is_default=name == cfg.default_reward_model,
-                has_normalization=all(
-                    self.rewards[m].normalization is not None for m in c.members
-                ),
+                has_normalization=all(self.rewards[m].normalization is not None for m in c.members),
                 combine=c.spec,
             )
             for name, c in self.combinations.items()
