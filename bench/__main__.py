@@ -17,6 +17,7 @@ COMMANDS = {
     "quantized": ("bench.quantized", "bitsandbytes 8/4-bit reward models: ranks and memory"),
     "groups": ("bench.groups", "k samples of a prompt: prefix sharing against unshared"),
     "report": ("bench.report", "markdown tables of saved compare results"),
+    "soak": ("bench.soak", "hours of mixed and hostile traffic: server RSS and descriptors"),
     "fuzz": ("bench.fuzz", "random and hostile input on every RPC: counts by status code"),
     "profile": ("bench.profile", "py-spy: where the server's time goes, by thread and job"),
     "trainer": (

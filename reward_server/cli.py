@@ -44,6 +44,12 @@ NAMED_FLAGS: dict[str, tuple[str, str | None, str, str]] = {
         "NAME=RULE",
         "how a multi-head model's score comes from its heads, e.g. rm=min",
     ),
+    "input_formats": (
+        "--input-format",
+        None,
+        "NAME=FORMAT",
+        "how a reward model reads a prompt/completion pair: auto, text, pair or chat",
+    ),
 }
 """The mapping fields of ServerConfig, set by repeated hand-written flags:
 key -> (flag, name of a bare value or None when NAME= is required, metavar, help)."""
@@ -82,6 +88,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(args)
     setup_logging(cfg.log_level, cfg.log_format)
+    from reward_server.engine.calibration import configure_malloc
+
+    configure_malloc()  # before the event loop, gRPC and the worker threads start
     try:
         return asyncio.run(serve(cfg))
     except (ModelLoadError, ValueError, OSError) as exc:

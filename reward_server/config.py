@@ -38,6 +38,13 @@ class ServerConfig:
     head_combine: dict[str, str] = field(default_factory=dict)
     """Per multi-head reward model: how `score` comes from its heads (``head:NAME``, ``mean``,
     ``min``, ``weighted:a=1,b=0.5``); default is the first head."""
+    input_formats: dict[str, str] = field(default_factory=dict)
+    """Per reward model: how a prompt/completion pair becomes its input: ``text`` (prompt +
+    completion, one string), ``pair`` (the tokenizer's text pair, ``tokenizer(prompt,
+    completion)``: separator and segment ids, as encoder RMs such as OpenAssistant's DeBERTa
+    were trained), ``chat`` (user and assistant messages through the model's chat template) or
+    ``auto``: the checkpoint's ``reward_input_format`` if its config has one, else ``pair`` for
+    an encoder (BERT, RoBERTa, DeBERTa, ...) whose tokenizer has a separator, else ``text``."""
     default_reward_model: str = ""
     """Model answering a Score request with an empty `model` (default: the first reward model)."""
     default_reference_model: str = ""
@@ -157,6 +164,12 @@ class ServerConfig:
             )
         for name in self.head_combine:
             require(name in self.reward_models, f"head_combine for unknown reward model {name!r}")
+        for name, fmt in self.input_formats.items():
+            require(name in self.reward_models, f"input_formats for unknown reward model {name!r}")
+            require(
+                fmt in ("auto", "text", "pair", "chat"),
+                f"input_formats[{name!r}] must be one of auto, text, pair, chat, got {fmt!r}",
+            )
         if self.reward_models and not self.default_reward_model:
             self.default_reward_model = next(iter(self.reward_models))
         if self.reference_models and not self.default_reference_model:

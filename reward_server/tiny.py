@@ -187,6 +187,64 @@ def build_tiny_llama(
     return paths
 
 
+def build_tiny_bert_rm(
+    out_dir: str | Path, *, hidden: int = 32, n_layer: int = 2, seed: int = 0
+) -> Path:
+    """A BERT-shaped reward model (bidirectional encoder, one output) whose tokenizer encodes text
+    pairs as ``[CLS] prompt [SEP] completion [SEP]`` with segment ids 0/1: the input format of
+    cross-encoder reward models such as OpenAssistant's DeBERTa ones."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import BertConfig, BertForSequenceClassification, PreTrainedTokenizerFast
+
+    out = Path(out_dir)
+    tok = Tokenizer(models.BPE(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=512,
+        special_tokens=["[PAD]", "[CLS]", "[SEP]", "[UNK]"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(synthetic_corpus(seed=seed), trainer=trainer)
+    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls), ("[SEP]", sep)],
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        pad_token="[PAD]",
+        unk_token="[UNK]",
+        model_max_length=256,
+        model_input_names=["input_ids", "token_type_ids", "attention_mask"],
+    )
+    torch.manual_seed(seed)
+    model = BertForSequenceClassification(
+        BertConfig(
+            vocab_size=len(fast),
+            hidden_size=hidden,
+            num_hidden_layers=n_layer,
+            num_attention_heads=2,
+            intermediate_size=hidden * 2,
+            max_position_embeddings=256,
+            type_vocab_size=2,
+            num_labels=1,
+            pad_token_id=fast.pad_token_id,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+            initializer_range=0.5,  # scores spread widely enough to tell inputs apart
+        )
+    )
+    model.save_pretrained(out)
+    fast.save_pretrained(out)
+    return out
+
+
 if __name__ == "__main__":  # python -m reward_server.tiny OUT_DIR
     import sys
 

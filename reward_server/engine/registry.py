@@ -46,6 +46,7 @@ class ModelDescription:
     has_normalization: bool = False
     combine: str = ""
     quantization: str = ""
+    input_format: str = ""
 
 
 class ModelRegistry:
@@ -97,6 +98,7 @@ class ModelRegistry:
                 max_input_tokens=cfg.max_input_tokens,
                 head_combine=head_combine,
                 intra_op_threads=intra_op_threads,
+                input_format=cfg.input_formats.get(name, "auto"),
             )
         return RewardRunner(
             name,
@@ -105,6 +107,7 @@ class ModelRegistry:
             prefix_sharing=cfg.prefix_sharing,
             prefix_cache_mb=cfg.prefix_cache_mb,
             head_combine=head_combine,
+            input_format=cfg.input_formats.get(name, "auto"),
             **self._torch_options(name, dtype),
         )
 
@@ -161,6 +164,7 @@ class ModelRegistry:
                 has_normalization=r.normalization is not None,
                 combine=r.combiner.spec,
                 quantization=cfg.quantization if r.backend == "torch" else "",
+                input_format=r.input_format,
                 **self._runner_fields(name, r),
             )
             for name, r in self.rewards.items()

@@ -69,6 +69,7 @@ class OnnxRewardRunner(RewardRunnerBase):
         max_input_tokens: int = 0,
         head_combine: str = "",
         intra_op_threads: int = 0,
+        input_format: str = "auto",
     ) -> None:
         import onnxruntime as ort
 
@@ -120,7 +121,14 @@ class OnnxRewardRunner(RewardRunnerBase):
             max_positions(SimpleNamespace(config=config), tokenizer),
             max_input_tokens,
             head_combine,
+            input_format,
         )
+        if self.input_format == "pair":
+            raise ModelLoadError(
+                f"{source}: input format 'pair' needs segment ids, which the exported graph does "
+                "not take: serve this model with the torch backend (or --input-format "
+                f"{name}=text if it was trained on one string)"
+            )
         n_out = self.session.get_outputs()[0].shape[-1]
         if isinstance(n_out, int) and n_out != len(self.heads):
             raise ModelLoadError(

@@ -51,6 +51,31 @@ class EncodedItem:
 
     input_ids: list[int]
     truncated: bool
+    token_type_ids: list[int] | None = None
+    """Segment ids of a text pair (input format ``pair``), else None."""
+
+
+INPUT_FORMATS = ("text", "pair", "chat")
+ENCODER_TYPES = frozenset(
+    {
+        "albert", "bert", "camembert", "deberta", "deberta-v2", "distilbert", "electra",
+        "ernie", "mpnet", "modernbert", "roberta", "xlm-roberta", "xlm-roberta-xl",
+    }
+)  # fmt: skip
+"""`model_type`s of bidirectional encoders, trained as cross-encoders on text pairs."""
+
+
+def detect_input_format(config: Any, tokenizer: Any) -> str:
+    """``auto``: what the checkpoint says (``reward_input_format`` in its config), else ``pair``
+    for an encoder whose tokenizer has a separator (OpenAssistant's DeBERTa reward models were
+    trained on ``tokenizer(question, answer)``:
+    https://huggingface.co/OpenAssistant/reward-model-deberta-v3-large-v2), else ``text``."""
+    stated = getattr(config, "reward_input_format", None)
+    if stated in INPUT_FORMATS:
+        return str(stated)
+    if getattr(config, "model_type", "") in ENCODER_TYPES and getattr(tokenizer, "sep_token", None):
+        return "pair"
+    return "text"
 
 
 class RewardRunnerBase:
@@ -70,6 +95,7 @@ class RewardRunnerBase:
         limit: int,
         max_input_tokens: int,
         head_combine: str,
+        input_format: str = "auto",
     ) -> None:
         self.name, self.source, self.device = name, source, device
         self.tokenizer = tokenizer
@@ -85,6 +111,15 @@ class RewardRunnerBase:
         self.has_chat_template = bool(getattr(self.tokenizer, "chat_template", None))
         self.normalization = normalization_of(config, name)
         self._fast_encode = fast_encoder(self.tokenizer)
+        fmt = detect_input_format(config, tokenizer) if input_format == "auto" else input_format
+        if fmt == "chat" and not self.has_chat_template:
+            raise ValueError(f"reward model {name!r}: input format 'chat' needs a chat template")
+        if fmt == "pair" and not getattr(tokenizer, "sep_token", None):
+            raise ValueError(
+                f"reward model {name!r}: input format 'pair' needs a tokenizer with a separator "
+                "token (a text-pair tokenizer)"
+            )
+        self.input_format = fmt
 
     # ------------------------------------------------------------------ encoding
     def render(self, items: Sequence[ScoreInput]) -> list[str]:
@@ -110,18 +145,27 @@ class RewardRunnerBase:
                     raise InvalidArgument(
                         f"item {i}: completion is empty (send a non-empty completion, or messages)"
                     )
-                texts.append(render_pair(self.tokenizer, it.prompt, it.completion))
+                if self.input_format == "chat":
+                    msgs = [{"role": "user", "content": it.prompt}] if it.prompt else []
+                    msgs.append({"role": "assistant", "content": it.completion})
+                    texts.append(render_messages(self.tokenizer, msgs))
+                else:
+                    texts.append(render_pair(self.tokenizer, it.prompt, it.completion))
         return texts
 
     def encode(self, items: Sequence[ScoreInput], truncation: str) -> list[EncodedItem]:
         """Tokenise with the model's tokenizer and apply the truncation policy."""
-        texts = self.render(items)
-        if self._fast_encode is not None:
-            ids_list = self._fast_encode(texts)
+        types_list: list[Any] = [None] * len(items)
+        if self.input_format == "pair" and any(not it.messages for it in items):
+            ids_list, types_list = self._encode_pairs(items)
         else:
-            ids_list = self.tokenizer(texts, add_special_tokens=True)["input_ids"]
+            texts = self.render(items)
+            if self._fast_encode is not None:
+                ids_list = self._fast_encode(texts)
+            else:
+                ids_list = self.tokenizer(texts, add_special_tokens=True)["input_ids"]
         out = []
-        for i, ids in enumerate(ids_list):
+        for i, (ids, types) in enumerate(zip(ids_list, types_list, strict=True)):
             if not ids:
                 raise InvalidArgument(f"item {i}: text tokenises to zero tokens")
             truncated = False
@@ -133,10 +177,26 @@ class RewardRunnerBase:
                             self.name
                         )
                     )
-                ids = ids[-self.max_len :] if truncation == "left" else ids[: self.max_len]
+                keep = slice(-self.max_len, None) if truncation == "left" else slice(self.max_len)
+                ids, types = ids[keep], (types[keep] if types is not None else None)
                 truncated = True
-            out.append(EncodedItem(list(ids), truncated))
+            out.append(EncodedItem(list(ids), truncated, list(types) if types else None))
         return out
+
+    def _encode_pairs(self, items: Sequence[ScoreInput]) -> tuple[list[Any], list[Any]]:
+        """Input format ``pair``: ``tokenizer(prompt, completion)`` per item (separator, segment
+        ids); chat items through the template as usual."""
+        self.render(items)  # the same checks (empty completion, messages) as the other formats
+        ids_list: list[Any] = []
+        types_list: list[Any] = []
+        for it in items:
+            if it.messages:
+                enc = self.tokenizer(render_messages(self.tokenizer, it.messages))
+            else:
+                enc = self.tokenizer(it.prompt, it.completion)
+            ids_list.append(enc["input_ids"])
+            types_list.append(enc.get("token_type_ids"))
+        return ids_list, types_list
 
     # ------------------------------------------------------------------ forward
     def forward(self, batch: Sequence[EncodedItem]) -> list[np.ndarray]:
@@ -192,6 +252,7 @@ class RewardRunner(RewardRunnerBase):
         tokenizer: Any = None,
         prefix_sharing: bool = True,
         prefix_cache_mb: float = 256.0,
+        input_format: str = "auto",
         **load: Unpack[LoadOptions],
     ) -> None:
         """Load `source` with the `load` options (`LoadOptions`), unless `model` and
@@ -218,6 +279,7 @@ class RewardRunner(RewardRunnerBase):
             max_positions(self.model, tokenizer),
             max_input_tokens,
             head_combine,
+            input_format,
         )
         self.cache_bytes = int(prefix_cache_mb * (1 << 20))
         self.on_sharing: SharingObserver | None = None  # set by the engine (metrics)
@@ -235,7 +297,7 @@ class RewardRunner(RewardRunnerBase):
 
     def _forward(self, batch: Sequence[EncodedItem]) -> list[np.ndarray]:
         """Head values per item; items sharing a prefix run it once when sharing is on."""
-        if self.cache_arg is None or len(batch) < 2:
+        if self.cache_arg is None or len(batch) < 2 or batch[0].token_type_ids is not None:
             return self._forward_plain(batch)
         seqs = [it.input_ids for it in batch]
         groups, single = split_groups(plan_groups(seqs, [self.share_limit(s) for s in seqs]))
@@ -284,11 +346,19 @@ class RewardRunner(RewardRunnerBase):
         import torch
 
         ids, mask = pad_right(batch, self.pad_id)
+        extra: dict[str, Any] = {}
+        if any(it.token_type_ids is not None for it in batch):
+            types = np.zeros_like(ids)  # [B, T]
+            for row, it in enumerate(batch):
+                if it.token_type_ids is not None:
+                    types[row, : len(it.token_type_ids)] = it.token_type_ids
+            extra["token_type_ids"] = torch.from_numpy(types).to(self.device)
         with torch.inference_mode():
             logits = self.model(
                 input_ids=torch.from_numpy(ids).to(self.device),
                 attention_mask=torch.from_numpy(mask).to(self.device),
                 use_cache=False,  # no KV cache for a single scoring pass
+                **extra,
             ).logits  # [B, H]
         values = logits.float().cpu().numpy()
         return [values[r] for r in range(len(batch))]

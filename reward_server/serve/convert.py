@@ -92,6 +92,7 @@ def logprobs_response(
 _MODEL_INFO_SAME = (
     "name", "heads", "dtype", "backend", "device", "max_input_tokens", "is_default",
     "vocab_size", "source", "has_chat_template", "has_normalization", "combine", "quantization",
+    "input_format",
 )  # fmt: skip
 
 

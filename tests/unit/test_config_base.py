@@ -42,6 +42,7 @@ HAND_WRITTEN = {
     "adapters": "--adapter",
     "combinations": "--combination",
     "head_combine": "--head-combine",
+    "input_formats": "--input-format",
 }
 """Serve's mapping fields, set by repeated hand-written ``NAME=VALUE`` flags."""
 

@@ -163,7 +163,7 @@ class GetServerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "role", "heads", "tokenizer_fingerprint", "dtype", "backend", "device", "max_input_tokens", "is_default", "vocab_size", "source", "has_chat_template", "has_normalization", "combine", "quantization")
+    __slots__ = ("name", "role", "heads", "tokenizer_fingerprint", "dtype", "backend", "device", "max_input_tokens", "is_default", "vocab_size", "source", "has_chat_template", "has_normalization", "combine", "quantization", "input_format")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     HEADS_FIELD_NUMBER: _ClassVar[int]
@@ -179,6 +179,7 @@ class ModelInfo(_message.Message):
     HAS_NORMALIZATION_FIELD_NUMBER: _ClassVar[int]
     COMBINE_FIELD_NUMBER: _ClassVar[int]
     QUANTIZATION_FIELD_NUMBER: _ClassVar[int]
+    INPUT_FORMAT_FIELD_NUMBER: _ClassVar[int]
     name: str
     role: ModelRole
     heads: _containers.RepeatedScalarFieldContainer[str]
@@ -194,7 +195,8 @@ class ModelInfo(_message.Message):
     has_normalization: bool
     combine: str
     quantization: str
-    def __init__(self, name: _Optional[str] = ..., role: _Optional[_Union[ModelRole, str]] = ..., heads: _Optional[_Iterable[str]] = ..., tokenizer_fingerprint: _Optional[str] = ..., dtype: _Optional[str] = ..., backend: _Optional[str] = ..., device: _Optional[str] = ..., max_input_tokens: _Optional[int] = ..., is_default: _Optional[bool] = ..., vocab_size: _Optional[int] = ..., source: _Optional[str] = ..., has_chat_template: _Optional[bool] = ..., has_normalization: _Optional[bool] = ..., combine: _Optional[str] = ..., quantization: _Optional[str] = ...) -> None: ...
+    input_format: str
+    def __init__(self, name: _Optional[str] = ..., role: _Optional[_Union[ModelRole, str]] = ..., heads: _Optional[_Iterable[str]] = ..., tokenizer_fingerprint: _Optional[str] = ..., dtype: _Optional[str] = ..., backend: _Optional[str] = ..., device: _Optional[str] = ..., max_input_tokens: _Optional[int] = ..., is_default: _Optional[bool] = ..., vocab_size: _Optional[int] = ..., source: _Optional[str] = ..., has_chat_template: _Optional[bool] = ..., has_normalization: _Optional[bool] = ..., combine: _Optional[str] = ..., quantization: _Optional[str] = ..., input_format: _Optional[str] = ...) -> None: ...
 
 class GetServerInfoResponse(_message.Message):
     __slots__ = ("version", "models", "max_items_per_request", "max_batch_tokens", "max_batch_items", "max_message_bytes", "default_reward_model", "default_reference_model", "default_truncation")
