@@ -31,6 +31,15 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
+class ScoreItemInput(ScoreInput):
+    """A `ScoreInput` with the request's per-item flags that only combination rules read."""
+
+    safety_prompt: bool = False
+    """The item's prompt is a safety prompt (the ``safety_gate`` rule scores it with the safety
+    model whatever its score)."""
+
+
+@dataclass
 class Timing:
     """Server-side timing of one request, seconds."""
 
@@ -162,12 +171,18 @@ class Engine:
             results = []
             for i in range(len(items)):
                 per = {m: parts[k][0][i].score for k, m in enumerate(comb.members)}
+                safety_prompt = getattr(items[i], "safety_prompt", False)
+                normalized = None
+                if comb.kind == "safety_gate":  # whitened with the selected member's statistics
+                    pick = comb.members.index(comb.selected(per, safety_prompt))
+                    normalized = parts[pick][0][i].normalized_score
                 results.append(
                     ScoreResult(
-                        score=comb.apply(per),
+                        score=comb.apply(per, safety_prompt),
                         head_scores=per,
                         num_tokens=max(p[0][i].num_tokens for p in parts),
                         truncated=any(p[0][i].truncated for p in parts),
+                        normalized_score=normalized,
                     )
                 )
             timing = Timing(
