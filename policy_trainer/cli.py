@@ -1,8 +1,8 @@
-"""``policy-trainer ppo --config run.yaml [--resume] [--server ADDR] [--ppo.lr X ...]
+"""``policy-trainer ppo|dpo|best-of-n --config run.yaml [--resume] [--server ADDR] [--ppo.lr X ...]
 [section.key=value ...]``.
 
 Every config key is also a flag (``ppo.kl_coef`` -> ``--ppo.kl-coef``), generated from the
-fields of `TrainerConfig`. Precedence: defaults < the file < trailing ``section.key=value``
+fields of the command's config (`TrainerConfig`, `DPOConfig`, `BestOfNConfig`). Precedence: defaults < the file < trailing ``section.key=value``
 overrides < ``--section.key`` flags < ``--server`` / ``--output-dir``.
 
 Exit codes: 0 done, 2 bad config or input, 3 the reward server went away or refused the work (a
@@ -22,13 +22,45 @@ EXIT_CONFIG = 2
 EXIT_SERVER = 3
 
 
+def _add_run_flags(sub: argparse.ArgumentParser, cls: type, resume: bool = True) -> None:
+    """The flags every subcommand shares: --config, --resume, --server, --output-dir,
+    --log-level, trailing overrides, and one flag per config field of ``cls``."""
+    from reward_server.config_base import add_config_file_flag, add_config_flags
+
+    add_config_file_flag(sub, required=True)
+    if resume:
+        group = sub.add_mutually_exclusive_group()
+        group.add_argument(
+            "--resume",
+            action="store_true",
+            help="continue from the run directory's latest checkpoint",
+        )
+        group.add_argument(
+            "--resume-if-present",
+            action="store_true",
+            help="continue from the latest checkpoint if there is one, else start (safe for retries)",
+        )
+    sub.add_argument("--server", help="reward server address (overrides server.address)")
+    sub.add_argument("--output-dir", help="run directory (overrides run.output_dir)")
+    sub.add_argument(
+        "--log-level", default="WARNING", help="python logging level (default WARNING)"
+    )
+    sub.add_argument(
+        "overrides", nargs="*", metavar="section.key=value", help="config overrides (YAML values)"
+    )
+    add_config_flags(sub, cls)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``policy-trainer`` argument parser (tests check deploy manifests against it)."""
+    from policy_trainer.best_of_n_config import BestOfNConfig
     from policy_trainer.config import TrainerConfig
-    from reward_server.config_base import PRECEDENCE_NOTE, add_config_file_flag, add_config_flags
+    from policy_trainer.dpo_config import DPOConfig
+    from reward_server.config_base import PRECEDENCE_NOTE
 
     parser = argparse.ArgumentParser(
-        prog="policy-trainer", description="PPO trainer client of the reward service"
+        prog="policy-trainer",
+        description="Trainer client of the reward service: PPO, DPO, best-of-n",
     )
     sub = parser.add_subparsers(dest="command", required=True)
     ppo = sub.add_parser(
@@ -39,31 +71,34 @@ def build_parser() -> argparse.ArgumentParser:
         "(values parsed as YAML, e.g. ppo.lr=3e-6 run.iterations=100) override the file, and "
         "flags override them. " + PRECEDENCE_NOTE,
     )
-    add_config_file_flag(ppo, required=True)
-    resume = ppo.add_mutually_exclusive_group()
-    resume.add_argument(
-        "--resume", action="store_true", help="continue from the run directory's latest checkpoint"
+    _add_run_flags(ppo, TrainerConfig)
+    dpo = sub.add_parser(
+        "dpo",
+        help="train a policy with DPO on preference data, reference log-probs from the server",
+        description="Direct Preference Optimization (Rafailov et al. 2023) on the preference "
+        "formats `reward-server train` reads; the reference log-probs of every response come "
+        "from the server's ReferenceLogProbs once and are cached in the run directory. "
+        + PRECEDENCE_NOTE,
     )
-    resume.add_argument(
-        "--resume-if-present",
+    _add_run_flags(dpo, DPOConfig)
+    bon = sub.add_parser(
+        "best-of-n",
+        help="rejection sampling: keep the best of n sampled completions per prompt",
+        description="Sample n completions per prompt, score them on the server, keep the best "
+        "(Llama 2's rejection sampling); resumable by prompt index. With --sft, fine-tune the "
+        "policy on the kept samples afterwards. " + PRECEDENCE_NOTE,
+    )
+    _add_run_flags(bon, BestOfNConfig, resume=False)
+    bon.add_argument(
+        "--sft",
         action="store_true",
-        help="continue from the latest checkpoint if there is one, else start (safe for retries)",
+        help="after sampling, fine-tune the policy on the kept completions (sft section)",
     )
-    ppo.add_argument("--server", help="reward server address (overrides server.address)")
-    ppo.add_argument("--output-dir", help="run directory (overrides run.output_dir)")
-    ppo.add_argument(
-        "--log-level", default="WARNING", help="python logging level (default WARNING)"
-    )
-    ppo.add_argument(
-        "overrides", nargs="*", metavar="section.key=value", help="config overrides (YAML values)"
-    )
-    add_config_flags(ppo, TrainerConfig)
     return parser
 
 
 def config_from_args(args: argparse.Namespace) -> Any:
-    """The validated TrainerConfig of parsed ``ppo`` arguments (see the module docstring)."""
-    from policy_trainer.config import load_config
+    """The validated config of parsed arguments (see the module docstring)."""
     from reward_server.config_base import flag_overrides
 
     flags = flag_overrides(args)
@@ -71,6 +106,16 @@ def config_from_args(args: argparse.Namespace) -> Any:
         flags["server.address"] = args.server
     if args.output_dir:
         flags["run.output_dir"] = args.output_dir
+    if args.command == "dpo":
+        from policy_trainer.dpo_config import load_dpo_config
+
+        return load_dpo_config(args.config, args.overrides, flags)
+    if args.command == "best-of-n":
+        from policy_trainer.best_of_n_config import load_best_of_n_config
+
+        return load_best_of_n_config(args.config, args.overrides, flags)
+    from policy_trainer.config import load_config
+
     return load_config(args.config, args.overrides, flags)
 
 
@@ -121,6 +166,83 @@ def run_ppo(args: argparse.Namespace) -> int:
         shutdown_distributed()
 
 
+def run_dpo(args: argparse.Namespace) -> int:
+    """Run ``dpo``; returns the exit code (see the module docstring)."""
+    from reward_server.config_base import ConfigError
+
+    try:
+        cfg = config_from_args(args)
+    except ConfigError as e:
+        print(f"policy-trainer: config error: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    from policy_trainer.checkpoint import latest_checkpoint
+    from policy_trainer.dpo import DPOTrainer
+    from policy_trainer.remote import ServerRejectedError, ServerUnavailableError
+
+    trainer = None
+    try:
+        resume = args.resume or (
+            args.resume_if_present and latest_checkpoint(Path(cfg.run.output_dir)) is not None
+        )
+        trainer = DPOTrainer(cfg, resume=resume)
+        last = trainer.run()
+        what = "done" if last >= trainer.total_steps else "stopped (continue with --resume)"
+        print(
+            f"policy-trainer: dpo {what} after step {last}; run directory {cfg.run.output_dir}",
+            file=sys.stderr,
+        )
+        return 0
+    except ConfigError as e:
+        print(f"policy-trainer: error: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    except (ServerUnavailableError, ServerRejectedError) as e:
+        print(f"policy-trainer: reward server error: {e}", file=sys.stderr)
+        return EXIT_SERVER
+    except KeyboardInterrupt:
+        print("policy-trainer: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        if trainer is not None:
+            trainer.close()
+
+
+def run_best_of_n(args: argparse.Namespace) -> int:
+    """Run ``best-of-n`` (and, with --sft, the fine-tuning on the kept samples)."""
+    from reward_server.config_base import ConfigError
+
+    try:
+        cfg = config_from_args(args)
+    except ConfigError as e:
+        print(f"policy-trainer: config error: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    from policy_trainer.best_of_n import run_best_of_n as run
+    from policy_trainer.best_of_n import sft_on_samples
+    from policy_trainer.remote import ServerRejectedError, ServerUnavailableError
+
+    try:
+        summary = run(cfg)
+        print(
+            f"policy-trainer: best-of-{cfg.sampling.n}: {summary['prompts']} prompts, mean best "
+            f"score {summary['best_score_mean']:.4f} (mean of all samples "
+            f"{summary['score_mean']:.4f}), analytic KL {summary['analytic_kl']:.4f} nats; "
+            f"{summary['output']}",
+            file=sys.stderr,
+        )
+        if args.sft:
+            out = sft_on_samples(cfg)
+            print(f"policy-trainer: fine-tuned policy written to {out}", file=sys.stderr)
+        return 0
+    except ConfigError as e:
+        print(f"policy-trainer: error: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    except (ServerUnavailableError, ServerRejectedError) as e:
+        print(f"policy-trainer: reward server error: {e}", file=sys.stderr)
+        return EXIT_SERVER
+    except KeyboardInterrupt:
+        print("policy-trainer: interrupted", file=sys.stderr)
+        return 130
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``policy-trainer`` console script."""
     args = build_parser().parse_args(argv)
@@ -134,6 +256,10 @@ def main(argv: list[str] | None = None) -> int:
     hf_logging.disable_progress_bar()  # one progress bar: the trainer's
     if args.command == "ppo":
         return run_ppo(args)
+    if args.command == "dpo":
+        return run_dpo(args)
+    if args.command == "best-of-n":
+        return run_best_of_n(args)
     return 2  # pragma: no cover - argparse enforces the subcommand
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from policy_trainer.masked_stats import masked_mean
 
@@ -84,3 +85,56 @@ def value_loss(
     with torch.no_grad():
         clipfrac = masked_mean((loss_clipped > loss_unclipped).float(), mask)
     return loss, clipfrac
+
+
+@dataclass
+class DPOLossOutput:
+    """Per-pair DPO loss and the implicit rewards ``beta * (logp - ref_logp)`` (all [B])."""
+
+    loss: torch.Tensor
+    chosen_rewards: torch.Tensor
+    rejected_rewards: torch.Tensor
+
+
+def dpo_loss(
+    chosen_logps: torch.Tensor,
+    rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    beta: float,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+    chosen_lengths: torch.Tensor | None = None,
+    rejected_lengths: torch.Tensor | None = None,
+) -> DPOLossOutput:
+    """Per-pair preference losses from sequence log-probs (sums over response tokens), all [B].
+
+    With ``h = (logp_c - ref_c) - (logp_r - ref_r)``:
+
+    - sigmoid: ``-log sigmoid(beta h)`` (Rafailov et al. 2023, eq. 7); with ``label_smoothing``
+      eps > 0 the conservative DPO of Mitchell 2023 ("A note on DPO with noisy preferences",
+      https://ericmitchell.ai/cdpo.pdf): ``-(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h)``,
+      as TRL's sigmoid loss computed it before 1.0.
+    - ipo: ``(h' - 1 / (2 beta))^2`` (Azar et al. 2023, eq. 17), where ``h'`` uses the log-ratios
+      averaged per response token (``*_lengths``), as TRL's DPOTrainer does (trl/trainer/
+      dpo_trainer.py, loss_type "ipo").
+    """
+    chosen_ratio = chosen_logps - ref_chosen_logps
+    rejected_ratio = rejected_logps - ref_rejected_logps
+    if loss_type == "sigmoid":
+        h = beta * (chosen_ratio - rejected_ratio)
+        loss = -(1.0 - label_smoothing) * F.logsigmoid(h) - label_smoothing * F.logsigmoid(-h)
+    elif loss_type == "ipo":
+        if chosen_lengths is None or rejected_lengths is None:
+            raise ValueError("the ipo loss needs the response lengths")
+        h = chosen_ratio / chosen_lengths.clamp(min=1) - rejected_ratio / rejected_lengths.clamp(
+            min=1
+        )
+        loss = (h - 1.0 / (2.0 * beta)) ** 2
+    else:
+        raise ValueError(f"unknown DPO loss type {loss_type!r}; expected sigmoid or ipo")
+    return DPOLossOutput(
+        loss=loss,
+        chosen_rewards=beta * chosen_ratio.detach(),
+        rejected_rewards=beta * rejected_ratio.detach(),
+    )

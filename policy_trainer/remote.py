@@ -95,6 +95,19 @@ class RemoteRewards:
             ref_logprobs=self.pool.submit(self._ref_logprobs, token_ids, response_starts),
         )
 
+    def submit_scores(self, items: list[RewardInput]) -> Future:
+        """Start one Score call for ``items`` (all of them in one request unless the server's
+        limit splits it); returns at once (best-of-n sends a prompt's n completions so)."""
+        return self.pool.submit(self._scores, items)
+
+    def collect_scores(self, fut: Future) -> np.ndarray:
+        """Block for the scores of `submit_scores` ([n] float32, NaN where missing)."""
+        t0 = time.perf_counter()
+        try:
+            return fut.result()
+        finally:
+            self.wait_seconds += time.perf_counter() - t0
+
     def collect(self, rpcs: ChunkRPCs) -> tuple[np.ndarray, list[np.ndarray | None]]:
         """Block for a chunk's results: (scores [n] float32 with NaN where missing, log-probs)."""
         t0 = time.perf_counter()
@@ -200,22 +213,59 @@ def describe_server(info: Any) -> str:
     return f"reward server {info.version}: {models}"
 
 
-def check_server(info: Any, cfg: RewardServiceConfig, fingerprint: str) -> None:
-    """Check at start that the named models exist with the right roles and that the reference
-    model shares the policy's vocabulary."""
+def open_client(cfg: RewardServiceConfig) -> tuple[RewardClient, Any]:
+    """A client of ``cfg.address`` once the server reports SERVING, and its GetServerInfo;
+    ``ServerUnavailableError`` when it does not within ``cfg.wait_ready_seconds``."""
+    import os
+
+    client = RewardClient(
+        cfg.address,
+        timeout=cfg.timeout,
+        max_retries=cfg.max_retries,
+        budget_seconds=cfg.retry_budget_seconds,
+        tls_ca=cfg.tls_ca,
+        tls_cert=cfg.tls_cert,
+        tls_key=cfg.tls_key,
+        token=os.environ.get(cfg.token_env) or None,
+    )
+    try:
+        client.wait_until_ready(timeout=cfg.wait_ready_seconds)
+        info = client.server_info()
+    except Exception as e:  # noqa: BLE001 - any failure here means "no usable server"
+        client.close()
+        raise ServerUnavailableError(
+            f"the reward server at {cfg.address} is not ready after {cfg.wait_ready_seconds:g}s: {e}"
+        ) from None
+    return client, info
+
+
+def check_reward_model(info: Any, cfg: RewardServiceConfig) -> str:
+    """The reward model (or combination) name the run scores with; ServerRejectedError when the
+    server does not serve it."""
+    by_name = {m.name: m for m in info.models}
+    rm_name = cfg.reward_model or info.default_reward_model
+    if not rm_name or rm_name not in by_name:
+        raise ServerRejectedError(
+            f"the server at {cfg.address} serves no reward model {rm_name!r}; it has {sorted(by_name)}"
+        )
+    if cfg.use_normalized_score and not by_name[rm_name].has_normalization:
+        raise ServerRejectedError(
+            f"server.use_normalized_score: reward model {rm_name!r} has no normalization statistics"
+        )
+    return rm_name
+
+
+def check_reference(info: Any, cfg: RewardServiceConfig, fingerprint: str) -> str:
+    """The reference model's name, after checking that it exists, is a reference model and (with
+    ``cfg.check_fingerprint``) shares the policy's vocabulary; else ServerRejectedError."""
     from reward_server.api.rlhf.v1 import reward_service_pb2 as pb
 
     by_name = {m.name: m for m in info.models}
     ref_name = cfg.reference_model or info.default_reference_model
-    rm_name = cfg.reward_model or info.default_reward_model
     if not ref_name or ref_name not in by_name:
         raise ServerRejectedError(
             f"the server at {cfg.address} serves no reference model {ref_name!r}; it has "
             f"{sorted(by_name)} (start it with --reference-model)"
-        )
-    if not rm_name or rm_name not in by_name:
-        raise ServerRejectedError(
-            f"the server at {cfg.address} serves no reward model {rm_name!r}; it has {sorted(by_name)}"
         )
     ref = by_name[ref_name]
     if ref.role != pb.MODEL_ROLE_REFERENCE:
@@ -230,7 +280,11 @@ def check_server(info: Any, cfg: RewardServiceConfig, fingerprint: str) -> None:
             f"(fingerprint {ref.tokenizer_fingerprint} != {fingerprint}); serve the policy's "
             "initial checkpoint as the reference model"
         )
-    if cfg.use_normalized_score and not by_name[rm_name].has_normalization:
-        raise ServerRejectedError(
-            f"server.use_normalized_score: reward model {rm_name!r} has no normalization statistics"
-        )
+    return ref_name
+
+
+def check_server(info: Any, cfg: RewardServiceConfig, fingerprint: str) -> None:
+    """Check at start that the named models exist with the right roles and that the reference
+    model shares the policy's vocabulary."""
+    check_reference(info, cfg, fingerprint)
+    check_reward_model(info, cfg)

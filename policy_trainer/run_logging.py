@@ -40,6 +40,14 @@ WALL_CLOCK_KEYS = frozenset(
 """Keys that measure time, so differ between otherwise identical runs."""
 
 
+PPO_PANELS: tuple[tuple[str | tuple[str, ...], str], ...] = (
+    ("reward_mean", "reward (score at EOS)"),
+    ("kl_mean", "KL(policy || reference) per sequence"),
+    ("beta", "KL coefficient beta"),
+)
+"""The PPO run's curves.png panels: (metric key or keys, title)."""
+
+
 def read_metrics(path: Path) -> list[dict[str, Any]]:
     """All lines of a metrics.jsonl."""
     if not path.is_file():
@@ -50,9 +58,19 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 class RunLogger:
     """Writes the run's metrics (rank 0 only; the other ranks pass ``enabled=False``)."""
 
-    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool, resume_after: int | None):
+    def __init__(
+        self,
+        run_dir: Path,
+        enabled: bool,
+        tensorboard: bool,
+        resume_after: int | None,
+        *,
+        step_key: str = "iteration",
+        panels: tuple[tuple[str | tuple[str, ...], str], ...] = PPO_PANELS,
+    ):
         self.run_dir = run_dir
         self.enabled = enabled
+        self.step_key, self.panels = step_key, panels
         self.path = run_dir / "metrics.jsonl"
         self.history: list[dict[str, Any]] = []
         self.tb = None
@@ -63,7 +81,7 @@ class RunLogger:
             self.path.write_text("")
         else:
             # drop iterations past the checkpoint (they will be redone), keep the rest
-            kept = [m for m in read_metrics(self.path) if m.get("iteration", 0) <= resume_after]
+            kept = [m for m in read_metrics(self.path) if m.get(step_key, 0) <= resume_after]
             self.path.write_text("".join(json.dumps(m) + "\n" for m in kept))
             self.history = kept
         if tensorboard:
@@ -87,14 +105,15 @@ class RunLogger:
             f.write(json.dumps(clean) + "\n")
         self.history.append(clean)
         if self.tb is not None:
-            step = int(metrics["iteration"])
+            step = int(metrics[self.step_key])
             for k, v in clean.items():
-                if isinstance(v, (int, float)) and k != "iteration" and v is not None:
+                if isinstance(v, (int, float)) and k != self.step_key and v is not None:
                     self.tb.add_scalar(k, v, step)
             self.tb.flush()
 
     def plot(self) -> None:
-        """Redraw curves.png: reward and KL over iterations."""
+        """Redraw curves.png: one panel per entry of ``panels`` (a key, or several keys drawn
+        together), against the step key."""
         if not self.enabled or not self.history:
             return
         import matplotlib
@@ -102,18 +121,21 @@ class RunLogger:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        it = [m["iteration"] for m in self.history]
-        fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-        panels = (
-            ("reward_mean", "reward (score at EOS)"),
-            ("kl_mean", "KL(policy || reference) per sequence"),
-            ("beta", "KL coefficient beta"),
-        )
-        for ax, (key, title) in zip(axes, panels, strict=True):
-            ys = [m.get(key) for m in self.history]
-            ax.plot(it, [float("nan") if y is None else y for y in ys], marker="o", ms=3)
+        fig, axes = plt.subplots(1, len(self.panels), figsize=(4.4 * len(self.panels), 3.6))
+        for ax, (keys, title) in zip(axes, self.panels, strict=True):
+            for key in (keys,) if isinstance(keys, str) else keys:
+                rows = [m for m in self.history if m.get(key) is not None]
+                ax.plot(
+                    [m[self.step_key] for m in rows],
+                    [m[key] for m in rows],
+                    marker="o",
+                    ms=3,
+                    label=key,
+                )
+            if not isinstance(keys, str):
+                ax.legend(fontsize=7)
             ax.set_title(title)
-            ax.set_xlabel("iteration")
+            ax.set_xlabel(self.step_key)
             ax.grid(alpha=0.3)
         fig.tight_layout()
         tmp = self.run_dir / "curves.png.tmp.png"

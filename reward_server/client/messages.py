@@ -11,7 +11,8 @@ from reward_server.api.rlhf.v1 import reward_service_pb2 as pb
 from reward_server.score_result import ScoreResult
 
 PairLike = tuple[str, str] | dict[str, Any]
-"""A (prompt, completion) tuple, or a dict with "prompt"/"completion" or "messages"."""
+"""A (prompt, completion) tuple, or a dict with "prompt"/"completion" or "messages" (and
+optionally "safety_prompt": True)."""
 Conversation = Sequence[dict[str, str]]
 """Chat messages: dicts with "role" and "content"."""
 
@@ -33,17 +34,27 @@ def _chat(messages: Iterable[dict[str, str]]) -> list[pb.ChatMessage]:
 
 
 def score_items(pairs: Iterable[PairLike]) -> list[pb.ScoreItem]:
-    """(prompt, completion) tuples or dicts with prompt/completion or messages -> ScoreItem."""
+    """(prompt, completion) tuples or dicts with prompt/completion or messages -> ScoreItem; a
+    dict's optional ``safety_prompt`` (bool) marks a safety prompt for a ``safety_gate``
+    combination."""
     items = []
     for p in pairs:
         if not isinstance(p, dict):
             prompt, completion = p
             items.append(pb.ScoreItem(prompt=prompt, completion=completion))
         elif p.get("messages"):
-            items.append(pb.ScoreItem(messages=_chat(p["messages"])))
+            items.append(
+                pb.ScoreItem(
+                    messages=_chat(p["messages"]), safety_prompt=bool(p.get("safety_prompt"))
+                )
+            )
         else:
             items.append(
-                pb.ScoreItem(prompt=p.get("prompt", ""), completion=p.get("completion", ""))
+                pb.ScoreItem(
+                    prompt=p.get("prompt", ""),
+                    completion=p.get("completion", ""),
+                    safety_prompt=bool(p.get("safety_prompt")),
+                )
             )
     return items
 

@@ -33,6 +33,15 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
+class ScoreItemInput(ScoreInput):
+    """A `ScoreInput` with the request's per-item flags that only combination rules read."""
+
+    safety_prompt: bool = False
+    """The item's prompt is a safety prompt (the ``safety_gate`` rule scores it with the safety
+    model whatever its score)."""
+
+
+@dataclass
 class Timing:
     """Server-side timing of one request, seconds."""
 
@@ -176,17 +185,22 @@ class Engine:
             results = []
             for i in range(len(items)):
                 per = {m: parts[k][0][i].score for k, m in enumerate(comb.members)}
-                # The rule over the members' normalised scores, when every member has one: a
-                # weighted sum of z-scores, so members on different scales weigh as configured.
+                safety_prompt = getattr(items[i], "safety_prompt", False)
                 normed = {m: parts[k][0][i].normalized_score for k, m in enumerate(comb.members)}
-                complete = all(v is not None for v in normed.values())
+                normalized = None
+                if comb.kind == "safety_gate":  # whitened with the selected member's statistics
+                    normalized = normed[comb.selected(per, safety_prompt)]
+                elif all(v is not None for v in normed.values()):
+                    # The rule over the members' normalised scores: a weighted sum of z-scores,
+                    # so members on different scales weigh as configured.
+                    normalized = comb.apply(normed, safety_prompt)  # type: ignore[arg-type]
                 results.append(
                     ScoreResult(
-                        score=comb.apply(per),
+                        score=comb.apply(per, safety_prompt),
                         head_scores=per,
                         num_tokens=max(p[0][i].num_tokens for p in parts),
                         truncated=any(p[0][i].truncated for p in parts),
-                        normalized_score=comb.apply(normed) if complete else None,  # type: ignore[arg-type]
+                        normalized_score=normalized,
                     )
                 )
             timing = Timing(

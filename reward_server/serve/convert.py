@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from reward_server.api.rlhf.v1 import reward_service_pb2 as pb
-from reward_server.engine.engine import Timing
+from reward_server.engine.engine import ScoreItemInput, Timing
 from reward_server.engine.registry import ModelDescription
 from reward_server.models.reference import RefSequence
 from reward_server.models.reward import ScoreInput
@@ -28,15 +28,23 @@ ROLE_TO_PB = {
 
 
 def score_inputs(request: pb.ScoreRequest) -> list[ScoreInput]:
-    """ScoreRequest items -> ScoreInput."""
-    out = []
+    """ScoreRequest items -> ScoreInput (with the item's safety_prompt flag, which only
+    combination rules read)."""
+    out: list[ScoreInput] = []
     for it in request.items:
         if len(it.messages):
             out.append(
-                ScoreInput(messages=[{"role": m.role, "content": m.content} for m in it.messages])
+                ScoreItemInput(
+                    messages=[{"role": m.role, "content": m.content} for m in it.messages],
+                    safety_prompt=it.safety_prompt,
+                )
             )
         else:
-            out.append(ScoreInput(prompt=it.prompt, completion=it.completion))
+            out.append(
+                ScoreItemInput(
+                    prompt=it.prompt, completion=it.completion, safety_prompt=it.safety_prompt
+                )
+            )
     return out
 
 
