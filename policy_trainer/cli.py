@@ -15,6 +15,7 @@ import argparse
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -119,8 +120,9 @@ def config_from_args(args: argparse.Namespace) -> Any:
     return load_config(args.config, args.overrides, flags)
 
 
-def run_ppo(args: argparse.Namespace) -> int:
-    """Run ``ppo``; returns the exit code (see the module docstring)."""
+def _run_command(args: argparse.Namespace, work: Callable[[Any], int]) -> int:
+    """Load the command's config and run ``work(cfg)``, every command's failures mapped to the
+    same exit codes (see the module docstring)."""
     from reward_server.config_base import ConfigError
 
     try:
@@ -128,26 +130,11 @@ def run_ppo(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"policy-trainer: config error: {e}", file=sys.stderr)
         return EXIT_CONFIG
-
-    from policy_trainer.checkpoint import latest_checkpoint
-    from policy_trainer.distributed import shutdown_distributed
     from policy_trainer.remote import ServerRejectedError, ServerUnavailableError
-    from policy_trainer.trainer import PPOTrainer, TrainingStopped
+    from policy_trainer.trainer import TrainingStopped
 
-    trainer = None
     try:
-        resume = args.resume or (
-            args.resume_if_present and latest_checkpoint(Path(cfg.run.output_dir)) is not None
-        )
-        trainer = PPOTrainer(cfg, resume=resume)
-        last = trainer.run()
-        if trainer.dist.is_main:
-            what = "done" if last >= cfg.run.iterations else "stopped (continue with --resume)"
-            print(
-                f"policy-trainer: {what} after iteration {last}; run directory {cfg.run.output_dir}",
-                file=sys.stderr,
-            )
-        return 0
+        return work(cfg)
     except ConfigError as e:
         print(f"policy-trainer: error: {e}", file=sys.stderr)
         return EXIT_CONFIG
@@ -160,66 +147,74 @@ def run_ppo(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("policy-trainer: interrupted", file=sys.stderr)
         return 130
-    finally:
-        if trainer is not None:
-            trainer.close()
-        shutdown_distributed()
+
+
+def _resume(args: argparse.Namespace, cfg: Any) -> bool:
+    from policy_trainer.checkpoint import latest_checkpoint
+
+    return bool(
+        args.resume
+        or (args.resume_if_present and latest_checkpoint(Path(cfg.run.output_dir)) is not None)
+    )
+
+
+def run_ppo(args: argparse.Namespace) -> int:
+    """Run ``ppo``; returns the exit code (see the module docstring)."""
+
+    def work(cfg: Any) -> int:
+        from policy_trainer.distributed import shutdown_distributed
+        from policy_trainer.trainer import PPOTrainer
+
+        trainer = None
+        try:
+            trainer = PPOTrainer(cfg, resume=_resume(args, cfg))
+            last = trainer.run()
+            if trainer.dist.is_main:
+                what = "done" if last >= cfg.run.iterations else "stopped (continue with --resume)"
+                print(
+                    f"policy-trainer: {what} after iteration {last}; run directory "
+                    f"{cfg.run.output_dir}",
+                    file=sys.stderr,
+                )
+            return 0
+        finally:
+            if trainer is not None:
+                trainer.close()
+            shutdown_distributed()
+
+    return _run_command(args, work)
 
 
 def run_dpo(args: argparse.Namespace) -> int:
     """Run ``dpo``; returns the exit code (see the module docstring)."""
-    from reward_server.config_base import ConfigError
 
-    try:
-        cfg = config_from_args(args)
-    except ConfigError as e:
-        print(f"policy-trainer: config error: {e}", file=sys.stderr)
-        return EXIT_CONFIG
-    from policy_trainer.checkpoint import latest_checkpoint
-    from policy_trainer.dpo import DPOTrainer
-    from policy_trainer.remote import ServerRejectedError, ServerUnavailableError
+    def work(cfg: Any) -> int:
+        from policy_trainer.dpo import DPOTrainer
 
-    trainer = None
-    try:
-        resume = args.resume or (
-            args.resume_if_present and latest_checkpoint(Path(cfg.run.output_dir)) is not None
-        )
-        trainer = DPOTrainer(cfg, resume=resume)
-        last = trainer.run()
-        what = "done" if last >= trainer.total_steps else "stopped (continue with --resume)"
-        print(
-            f"policy-trainer: dpo {what} after step {last}; run directory {cfg.run.output_dir}",
-            file=sys.stderr,
-        )
-        return 0
-    except ConfigError as e:
-        print(f"policy-trainer: error: {e}", file=sys.stderr)
-        return EXIT_CONFIG
-    except (ServerUnavailableError, ServerRejectedError) as e:
-        print(f"policy-trainer: reward server error: {e}", file=sys.stderr)
-        return EXIT_SERVER
-    except KeyboardInterrupt:
-        print("policy-trainer: interrupted", file=sys.stderr)
-        return 130
-    finally:
-        if trainer is not None:
-            trainer.close()
+        trainer = None
+        try:
+            trainer = DPOTrainer(cfg, resume=_resume(args, cfg))
+            last = trainer.run()
+            what = "done" if last >= trainer.total_steps else "stopped (continue with --resume)"
+            print(
+                f"policy-trainer: dpo {what} after step {last}; run directory {cfg.run.output_dir}",
+                file=sys.stderr,
+            )
+            return 0
+        finally:
+            if trainer is not None:
+                trainer.close()
+
+    return _run_command(args, work)
 
 
 def run_best_of_n(args: argparse.Namespace) -> int:
     """Run ``best-of-n`` (and, with --sft, the fine-tuning on the kept samples)."""
-    from reward_server.config_base import ConfigError
 
-    try:
-        cfg = config_from_args(args)
-    except ConfigError as e:
-        print(f"policy-trainer: config error: {e}", file=sys.stderr)
-        return EXIT_CONFIG
-    from policy_trainer.best_of_n import run_best_of_n as run
-    from policy_trainer.best_of_n import sft_on_samples
-    from policy_trainer.remote import ServerRejectedError, ServerUnavailableError
+    def work(cfg: Any) -> int:
+        from policy_trainer.best_of_n import run_best_of_n as run
+        from policy_trainer.best_of_n import sft_on_samples
 
-    try:
         summary = run(cfg)
         print(
             f"policy-trainer: best-of-{cfg.sampling.n}: {summary['prompts']} prompts, mean best "
@@ -232,15 +227,8 @@ def run_best_of_n(args: argparse.Namespace) -> int:
             out = sft_on_samples(cfg)
             print(f"policy-trainer: fine-tuned policy written to {out}", file=sys.stderr)
         return 0
-    except ConfigError as e:
-        print(f"policy-trainer: error: {e}", file=sys.stderr)
-        return EXIT_CONFIG
-    except (ServerUnavailableError, ServerRejectedError) as e:
-        print(f"policy-trainer: reward server error: {e}", file=sys.stderr)
-        return EXIT_SERVER
-    except KeyboardInterrupt:
-        print("policy-trainer: interrupted", file=sys.stderr)
-        return 130
+
+    return _run_command(args, work)
 
 
 def main(argv: list[str] | None = None) -> int:
