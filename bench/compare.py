@@ -31,6 +31,7 @@ from reward_server.engine.calibration import apply_intra_op_threads
 
 TARGETS = (
     "server", "inprocess", "inprocess_tight", "inprocess_b1", "naive", "arrival", "fill", "http",
+    "invariant",
 )  # fmt: skip
 
 
@@ -156,6 +157,17 @@ def run(a: argparse.Namespace) -> dict:
             servers["arrival"] = start_reward_server("arrival", serve_args, logs, variant="arrival")
         if "fill" in targets:
             servers["fill"] = start_reward_server("fill", serve_args, logs, variant="fill")
+        if "invariant" in targets:  # the same server with --batch-invariant and its own
+            # stream and thread defaults (one single-threaded stream per core on a CPU)
+            own = {"--forward-streams", "--intra-op-threads"}
+            inv_args = [
+                x
+                for i, x in enumerate(serve_args)
+                if x not in own and (i == 0 or serve_args[i - 1] not in own)
+            ]
+            servers["invariant"] = start_reward_server(
+                "invariant", [*inv_args, "--batch-invariant"], logs
+            )
         if "naive" in targets:
             servers["naive"] = start_naive_server(
                 "naive",
@@ -312,6 +324,8 @@ def summarize(rows: list[dict]) -> dict:
         ("server", "arrival"),
         ("fill", "inprocess"),
         ("server", "fill"),
+        ("invariant", "server"),
+        ("invariant", "inprocess"),
         ("http", "server"),
     ]:
         vals = ratio(num, den)

@@ -102,6 +102,13 @@ class ServerConfig:
     logprob_slice_mb: float = 64.0
     """Memory budget (MiB) for one [rows, vocab] float32 logits slice in ReferenceLogProbs; the
     full [batch, seq, vocab] tensor is never built."""
+    batch_invariant: bool = False
+    """Every score and reference log-prob bitwise identical whatever the item is batched with,
+    however much padding its batch has and however many forward streams run: each item's
+    forward runs alone (a batch of one, no padding, no shared prefix) with a fixed number of
+    intra-op threads (`intra_op_threads`, default 1 in this mode), inside the batches the batcher
+    still forms; forward streams default to the usable cores. Costs throughput where batching
+    paid (docs/BENCHMARKS.md, "Batch-invariant serving"). For runs that repeat bit for bit."""
     prefix_sharing: bool = True
     """Items of one batch that share leading tokens (the k samples of one prompt) run those
     tokens once through a decoder reward or reference model, against a key/value cache
@@ -243,17 +250,26 @@ class ServerConfig:
         return 16384 if device.startswith("cuda") else 2048
 
     def resolved_forward_streams(self, device: str) -> int:
-        """Forwards at once on a device (the configured number, else 2 on CUDA, 1 on a CPU)."""
+        """Forwards at once on a device (the configured number, else 2 on CUDA, 1 on a CPU;
+        batch-invariant on a CPU: one per usable core, each forward being a single item)."""
         if self.forward_streams:
             return self.forward_streams
-        return 2 if device.startswith("cuda") else 1
+        if device.startswith("cuda"):
+            return 2
+        return max(1, len(os.sched_getaffinity(0))) if self.batch_invariant else 1
+
+    def resolved_intra_op_threads(self) -> int:
+        """The configured intra-op threads; batch-invariant: 1 unless set (a forward's float
+        sums are split across its threads, so their number must not change with the streams)."""
+        return self.intra_op_threads or (1 if self.batch_invariant else 0)
 
     def resolved_batch_overhead_tokens(self, device: str) -> float | None:
         """The batcher's fixed forward cost: the configured one, 1e9 (fill the budget) on CUDA,
         or None on a CPU (measured at warm-up)."""
         if self.batch_overhead_tokens >= 0:
             return self.batch_overhead_tokens
-        return 1e9 if device.startswith("cuda") else None
+        # batch-invariant: items run one at a time, so padding costs nothing: fill the budget
+        return 1e9 if device.startswith("cuda") or self.batch_invariant else None
 
     def auth_tokens(self) -> list[str]:
         """Accepted bearer tokens from the token file and RLHF_AUTH_TOKENS (never logged)."""

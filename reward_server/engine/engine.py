@@ -27,6 +27,7 @@ from reward_server.errors import FailedPrecondition, InvalidArgument
 from reward_server.models.prefix import Group, SharingObserver, batch_lengths, tokens_saved
 from reward_server.models.reference import RefSequence, validate_temperature
 from reward_server.models.reward import ScoreInput
+from reward_server.models.runner import one_at_a_time
 from reward_server.score_result import ScoreResult
 
 log = logging.getLogger(__name__)
@@ -97,7 +98,7 @@ class Engine:
         self.streams = cfg.resolved_forward_streams(self.device)
         self.overhead_tokens = cfg.resolved_batch_overhead_tokens(self.device)
         threads = calibration.apply_intra_op_threads(
-            cfg.intra_op_threads, self.streams, self.device
+            cfg.resolved_intra_op_threads(), self.streams, self.device
         )
         self.max_batch_tokens = cfg.resolved_max_batch_tokens(self.device)
         self.registry.load(self.device, threads)
@@ -116,7 +117,7 @@ class Engine:
                 runner.on_sharing = _sharing_reporter(on_groups)
             b = DynamicBatcher(
                 name,
-                runner.forward,
+                one_at_a_time(runner.forward) if cfg.batch_invariant else runner.forward,
                 self._worker,
                 max_batch_tokens=self.max_batch_tokens,
                 max_inflight=self.streams,

@@ -78,7 +78,7 @@ class ModelRegistry:
                     source,
                     slice_bytes=int(cfg.logprob_slice_mb * (1 << 20)),
                     quantization=cfg.reference_quantization,
-                    prefix_sharing=cfg.prefix_sharing,
+                    prefix_sharing=cfg.prefix_sharing and not cfg.batch_invariant,
                     prefix_cache_mb=cfg.prefix_cache_mb,
                     **self._torch_options(name, dtype),
                 )
@@ -104,7 +104,7 @@ class ModelRegistry:
             name,
             source,
             quantization=cfg.quantization,
-            prefix_sharing=cfg.prefix_sharing,
+            prefix_sharing=cfg.prefix_sharing and not cfg.batch_invariant,
             prefix_cache_mb=cfg.prefix_cache_mb,
             head_combine=head_combine,
             input_format=cfg.input_formats.get(name, "auto"),

@@ -42,6 +42,21 @@ def run_with_oom_split(forward: Callable[[Sequence[T]], list[R]], batch: Sequenc
     return run_with_oom_split(forward, batch[:half]) + run_with_oom_split(forward, batch[half:])
 
 
+def one_at_a_time(forward: Callable[[Sequence[T]], list[R]]) -> Callable[[Sequence[T]], list[R]]:
+    """`forward` applied to each item of a batch alone: the batch-invariant mode. An item's
+    result then depends on nothing but the item (same shapes, no padding, no neighbours), so it
+    is bitwise the same however it was batched; the batch still shares its queueing, its
+    tokenisation and its trip to the worker thread."""
+
+    def run(batch: Sequence[T]) -> list[R]:
+        out: list[R] = []
+        for item in batch:
+            out += forward([item])
+        return out
+
+    return run
+
+
 def lengths_of(items: Sequence[Any]) -> list[int]:
     """Token lengths of encoded items (each has `input_ids` or `token_ids`)."""
     return [len(getattr(it, "input_ids", None) or it.token_ids) for it in items]

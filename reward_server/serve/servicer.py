@@ -294,6 +294,7 @@ class RewardServicer(pb_grpc.RewardServiceServicer):
                 default_reward_model=cfg.default_reward_model,
                 default_reference_model=cfg.default_reference_model,
                 default_truncation=convert.TRUNCATION_TO_PB[cfg.truncation],
+                batch_invariant=cfg.batch_invariant,
             )
 
         return await self._call("GetServerInfo", context, "", 0, work)

@@ -201,7 +201,7 @@ class ModelInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., role: _Optional[_Union[ModelRole, str]] = ..., heads: _Optional[_Iterable[str]] = ..., tokenizer_fingerprint: _Optional[str] = ..., dtype: _Optional[str] = ..., backend: _Optional[str] = ..., device: _Optional[str] = ..., max_input_tokens: _Optional[int] = ..., is_default: _Optional[bool] = ..., vocab_size: _Optional[int] = ..., source: _Optional[str] = ..., has_chat_template: _Optional[bool] = ..., has_normalization: _Optional[bool] = ..., combine: _Optional[str] = ..., quantization: _Optional[str] = ..., input_format: _Optional[str] = ...) -> None: ...
 
 class GetServerInfoResponse(_message.Message):
-    __slots__ = ("version", "models", "max_items_per_request", "max_batch_tokens", "max_batch_items", "max_message_bytes", "default_reward_model", "default_reference_model", "default_truncation")
+    __slots__ = ("version", "models", "max_items_per_request", "max_batch_tokens", "max_batch_items", "max_message_bytes", "default_reward_model", "default_reference_model", "default_truncation", "batch_invariant")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     MODELS_FIELD_NUMBER: _ClassVar[int]
     MAX_ITEMS_PER_REQUEST_FIELD_NUMBER: _ClassVar[int]
@@ -211,6 +211,7 @@ class GetServerInfoResponse(_message.Message):
     DEFAULT_REWARD_MODEL_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_REFERENCE_MODEL_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_TRUNCATION_FIELD_NUMBER: _ClassVar[int]
+    BATCH_INVARIANT_FIELD_NUMBER: _ClassVar[int]
     version: str
     models: _containers.RepeatedCompositeFieldContainer[ModelInfo]
     max_items_per_request: int
@@ -220,4 +221,5 @@ class GetServerInfoResponse(_message.Message):
     default_reward_model: str
     default_reference_model: str
     default_truncation: Truncation
-    def __init__(self, version: _Optional[str] = ..., models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., max_items_per_request: _Optional[int] = ..., max_batch_tokens: _Optional[int] = ..., max_batch_items: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., default_reward_model: _Optional[str] = ..., default_reference_model: _Optional[str] = ..., default_truncation: _Optional[_Union[Truncation, str]] = ...) -> None: ...
+    batch_invariant: bool
+    def __init__(self, version: _Optional[str] = ..., models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., max_items_per_request: _Optional[int] = ..., max_batch_tokens: _Optional[int] = ..., max_batch_items: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., default_reward_model: _Optional[str] = ..., default_reference_model: _Optional[str] = ..., default_truncation: _Optional[_Union[Truncation, str]] = ..., batch_invariant: _Optional[bool] = ...) -> None: ...
