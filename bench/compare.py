@@ -30,9 +30,11 @@ from bench.workload import LengthDist, RequestShape, make_pairs
 from reward_server.engine.calibration import apply_intra_op_threads
 
 TARGETS = (
-    "server", "inprocess", "inprocess_tight", "inprocess_b1", "naive", "arrival", "fill", "http",
-    "invariant",
+    "server", "server_ids", "inprocess", "inprocess_tight", "inprocess_b1", "naive", "arrival",
+    "fill", "http", "invariant",
 )  # fmt: skip
+SAME_PROCESS = {"server_ids": "server", "http": "server"}
+"""Targets measured on the `server` process with other requests: token ids, the HTTP door."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -74,6 +76,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="the `http` target: the same server process and requests through its HTTP/JSON door "
         "(bench/http_load.py) on this route",
     )
+    p.add_argument(
+        "--token-in",
+        action="store_true",
+        help="also the target server_ids: the same server process and items, sent as token ids "
+        "(ScoreItem.token_ids, tokenised once up front by the model's tokenizer)",
+    )
     p.add_argument("--server-arg", action="append", default=[], help="extra `serve` flag")
     p.add_argument("--models-dir", type=Path, default=DEFAULT_DIR)
     p.add_argument("--out", type=Path, default=Path("runs/bench"))
@@ -104,6 +112,8 @@ def _runner(model: str, backend: str, device: str = "cpu", threads: int = 0) -> 
 def run(a: argparse.Namespace) -> dict:
     """Run the comparison; return the result dict (also written to --out)."""
     targets = [t.strip() for t in a.targets.split(",") if t.strip()]
+    if a.token_in and "server_ids" not in targets:
+        targets.insert(targets.index("server") + 1 if "server" in targets else 0, "server_ids")
     bad = sorted(set(targets) - set(TARGETS))
     if bad:
         raise SystemExit(f"unknown target(s) {bad}; choose from {TARGETS}")
@@ -120,6 +130,17 @@ def run(a: argparse.Namespace) -> dict:
     runner = _runner(model, a.backend, a.device, threads)
     pairs, lengths = make_pairs(2000, dist, a.seed, runner.tokenizer)
     requests = build_requests(pairs, shape, 4000, a.seed, model="rm")
+    if "server_ids" in targets:  # the same items (same seed), as the ids the server would make
+        from reward_server.models.reward import ScoreInput
+
+        def encode(texts: list[str]) -> list[list[int]]:
+            return [
+                e.input_ids for e in runner.encode([ScoreInput(completion=t) for t in texts], "")
+            ]
+
+        id_requests = build_requests(
+            pairs, shape, 4000, a.seed, model="rm", token_in=(encode, runner.fingerprint)
+        )
     serve_args = [
         "--reward-model",
         f"rm={model}",
@@ -151,7 +172,7 @@ def run(a: argparse.Namespace) -> dict:
         serve_args += ["--http-port", str(http_port)]
         bodies = http_bodies(requests, a.http_route)
     try:
-        if "server" in targets or "http" in targets:
+        if {"server", "server_ids", "http"} & set(targets):
             servers["server"] = start_reward_server("server", serve_args, logs)
         if "arrival" in targets:
             servers["arrival"] = start_reward_server("arrival", serve_args, logs, variant="arrival")
@@ -195,12 +216,14 @@ def run(a: argparse.Namespace) -> dict:
                 pids = [os.getpid(), *(s.proc.pid for s in servers.values())]
                 meter = machine.LoadMeter(pids)
                 row: dict[str, Any] = {"repeat": rep, "target": target}
-                if target in servers or target == "http":
-                    sp = servers["server" if target == "http" else target]
+                if target in servers or target in SAME_PROCESS:
+                    sp = servers[SAME_PROCESS.get(target, target)]
                     snaps: dict[str, dict] = {}
+                    cpu: dict[str, float] = {}
 
-                    def on_window(which: str, sp=sp, snaps=snaps) -> None:
+                    def on_window(which: str, sp=sp, snaps=snaps, cpu=cpu) -> None:
                         snaps[which] = sp.metrics()
+                        cpu[which] = machine.process_cpu_seconds(sp.proc.pid)
 
                     start = rng.randrange(len(requests))
                     kw = dict(
@@ -212,9 +235,15 @@ def run(a: argparse.Namespace) -> dict:
                     if target == "http":
                         url = f"http://{sp.host}:{http_port}"
                         res = load_http(url, a.http_route, bodies[start:] + bodies, **kw)
+                    elif target == "server_ids":
+                        res = load(sp.address, id_requests[start:] + id_requests, **kw)
                     else:
                         res = load(sp.address, requests[start:] + requests, **kw)
                     row.update(res.summary())
+                    if res.requests:  # the server process's CPU (all threads) per request
+                        row["server_cpu_us_per_request"] = round(
+                            (cpu["end"] - cpu["start"]) / res.requests * 1e6, 1
+                        )
                     if sp.metrics_port:
                         row["server_metrics"] = metric_delta(
                             snaps["start"], snaps["end"], "rm", a.duration
@@ -306,18 +335,22 @@ def summarize(rows: list[dict]) -> dict:
     for r in rows:
         if r["target"] in ("inprocess", "inprocess_tight"):
             limits[r["repeat"]] = max(limits.get(r["repeat"], 0.0), rate(r))
-    best = [
-        round(rate(x) / limits[x["repeat"]], 3)
-        for x in rows
-        if x["target"] == "server" and limits.get(x["repeat"])
-    ]
-    if best:
-        out["server/best_inprocess"] = {"each": best, "median": statistics.median(best)}
+    for target in ("server", "server_ids"):
+        best = [
+            round(rate(x) / limits[x["repeat"]], 3)
+            for x in rows
+            if x["target"] == target and limits.get(x["repeat"])
+        ]
+        if best:
+            out[f"{target}/best_inprocess"] = {"each": best, "median": statistics.median(best)}
     for num, den in [
         ("server", "inprocess"),
         ("server", "inprocess_tight"),
         ("inprocess_tight", "inprocess"),
         ("server", "naive"),
+        ("server_ids", "inprocess"),
+        ("server_ids", "server"),
+        ("server_ids", "naive"),
         ("inprocess", "inprocess_b1"),
         ("naive", "inprocess"),
         ("arrival", "inprocess"),
@@ -338,8 +371,8 @@ def markdown(result: dict) -> str:
     """A table of the rows and the ratios."""
     lines = [
         "| repeat | target | real tok/s | client tok/s | items/s | p50 ms | p99 ms | batch items "
-        "| pad eff | queue ms | others' cores |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| pad eff | queue ms | server CPU us/req | others' cores |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         m = r.get("server_metrics", {})
@@ -349,7 +382,9 @@ def markdown(result: dict) -> str:
             f"{r['items_per_s']:.1f} | "
             f"{r.get('p50_ms', float('nan')):.0f} | {r.get('p99_ms', float('nan')):.0f} | "
             f"{m.get('mean_batch_items', float('nan')):.1f} | {eff:.3f} | "
-            f"{m.get('mean_queue_ms', float('nan')):.0f} | {r['load']['others_cores']:.2f} |"
+            f"{m.get('mean_queue_ms', float('nan')):.0f} | "
+            f"{r.get('server_cpu_us_per_request', float('nan')):.0f} | "
+            f"{r['load']['others_cores']:.2f} |"
         )
     lines.append("")
     for k, v in result["summary"].items():

@@ -80,14 +80,27 @@ def build_requests(
     n_requests: int,
     seed: int = 0,
     model: str = "",
+    token_in: tuple[Callable[[list[str]], list[list[int]]], str] | None = None,
 ) -> list[tuple[bytes, int]]:
-    """Serialised ScoreRequests drawn from `pairs`, with their item counts."""
+    """Serialised ScoreRequests drawn from `pairs`, with their item counts. With `token_in`
+    (an encode function, texts -> ids, and the tokenizer's fingerprint) the same items go as
+    token ids (token-in scoring), tokenised here once, before the run."""
     rng = random.Random(seed)
+    pool = list(pairs)
+    ids_of: dict[tuple[str, str], list[int]] = {}
+    if token_in is not None:
+        encode, fingerprint = token_in
+        ids_of = dict(zip(pool, encode([p + c for p, c in pool]), strict=True))
     out = []
     for _ in range(n_requests):
         k = rng.randint(shape.lo, shape.hi)
-        items = score_items(rng.sample(list(pairs), k))
-        out.append((pb.ScoreRequest(model=model, items=items).SerializeToString(), k))
+        chosen = rng.sample(pool, k)
+        if token_in is None:
+            req = pb.ScoreRequest(model=model, items=score_items(chosen))
+        else:
+            items = [pb.ScoreItem(token_ids=ids_of[pc]) for pc in chosen]
+            req = pb.ScoreRequest(model=model, items=items, tokenizer_fingerprint=fingerprint)
+        out.append((req.SerializeToString(), k))
     return out
 
 

@@ -77,6 +77,14 @@ class LoadWindow:
         }
 
 
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process so far (all its threads)."""
+    import psutil
+
+    t = psutil.Process(pid).cpu_times()
+    return t.user + t.system
+
+
 class LoadMeter:
     """Start, then stop: machine-wide busy cores and our processes' share in between."""
 

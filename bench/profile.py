@@ -40,6 +40,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lengths", default="16..256")
     p.add_argument("--duration", type=float, default=12.0)
     p.add_argument("--rate", type=int, default=200, help="py-spy samples per second")
+    p.add_argument("--token-in", action="store_true", help="send the items as token ids")
+    p.add_argument("--server-arg", action="append", default=[], help="extra `serve` flag")
     p.add_argument("--models-dir", type=Path, default=DEFAULT_DIR)
     p.add_argument("--out", type=Path, default=Path("runs/bench"))
 
@@ -83,11 +85,17 @@ def run(a: argparse.Namespace) -> dict:
     from transformers import AutoTokenizer
 
     model = str(build(a.kind, "reward", a.models_dir))
-    pairs, _ = make_pairs(
-        2000, LengthDist.parse(a.lengths), 0, AutoTokenizer.from_pretrained(model)
+    tok = AutoTokenizer.from_pretrained(model)
+    pairs, _ = make_pairs(2000, LengthDist.parse(a.lengths), 0, tok)
+    token_in = None
+    if a.token_in:
+        from reward_server.fingerprint import tokenizer_fingerprint
+
+        token_in = (lambda texts: tok(texts)["input_ids"], tokenizer_fingerprint(tok))
+    requests = build_requests(pairs, RequestShape.parse(a.items), 4000, 0, "rm", token_in)
+    sp = start_reward_server(
+        "profile", ["--reward-model", f"rm={model}", *a.server_arg], a.out / "logs"
     )
-    requests = build_requests(pairs, RequestShape.parse(a.items), 4000, 0, model="rm")
-    sp = start_reward_server("profile", ["--reward-model", f"rm={model}"], a.out / "logs")
     raw_path = a.out / "profile-raw.txt"
     a.out.mkdir(parents=True, exist_ok=True)
     try:
@@ -117,6 +125,11 @@ def run(a: argparse.Namespace) -> dict:
     seconds = a.duration
     out = {
         "config": {k: str(v) for k, v in vars(a).items() if k != "func"},
+        # on-CPU samples per request completed, in microseconds (all threads)
+        "cpu_us_per_request_by_job": {
+            k: round(v / a.rate / max(1, res.requests) * 1e6 * a.duration / res.seconds, 1)
+            for k, v in agg["by_job"].items()
+        },
         "machine": machine.describe(),
         "load": res.summary(),
         "cores_busy_by_job": {k: round(v / a.rate / seconds, 3) for k, v in agg["by_job"].items()},

@@ -156,6 +156,10 @@ class RewardServiceConfig:
     check_fingerprint: bool = True
     """Send the policy tokenizer's fingerprint with ReferenceLogProbs (the server refuses a
     mismatch)."""
+    score_token_ids: bool = True
+    """Score the policy's token ids (no decode, no re-tokenisation on the server) when the reward
+    model's tokenizer fingerprint equals the policy's; text otherwise. Decided once at start,
+    logged and written to the run's ``reward_input.json``."""
 
 
 @dataclass

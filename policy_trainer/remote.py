@@ -80,6 +80,9 @@ class RemoteRewards:
     ):
         self.client, self.cfg, self.temperature = client, cfg, temperature
         self.fingerprint = tokenizer_fingerprint
+        self.score_fingerprint = ""
+        """Set (by `decide_score_input`) to the policy's fingerprint when the reward model shares
+        its tokenizer: Score then gets the policy's token ids instead of text."""
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="reward-rpc")
         self.wait_seconds = 0.0
         self._lock = threading.Lock()
@@ -87,11 +90,17 @@ class RemoteRewards:
 
     # ------------------------------------------------------------------ public
     def submit(
-        self, items: list[RewardInput], token_ids: list[list[int]], response_starts: list[int]
+        self,
+        items: list[RewardInput],
+        token_ids: list[list[int]],
+        response_starts: list[int],
+        reward_ids: list[list[int] | None] | None = None,
     ) -> ChunkRPCs:
-        """Start both RPCs of a chunk; returns immediately."""
+        """Start both RPCs of a chunk; returns immediately. `reward_ids`: each item as the policy's
+        token ids (None where it has none), sent to Score instead of the text when
+        `score_fingerprint` is set."""
         return ChunkRPCs(
-            scores=self.pool.submit(self._scores, items),
+            scores=self.pool.submit(self._scores, items, reward_ids),
             ref_logprobs=self.pool.submit(self._ref_logprobs, token_ids, response_starts),
         )
 
@@ -164,18 +173,33 @@ class RemoteRewards:
             self.failed_items += len(out.rejected)
         return out.results
 
-    def _scores(self, items: list[RewardInput]) -> np.ndarray:
+    def _score_ids(self, ids: list[list[int]], *, model: str) -> list[Any]:
+        return self.client.score_ids(ids, tokenizer_fingerprint=self.score_fingerprint, model=model)
+
+    def _scores(
+        self, items: list[RewardInput], reward_ids: list[list[int] | None] | None = None
+    ) -> np.ndarray:
         # An empty completion (the response was only EOS) is not scoreable text: the server
         # rejects it, so it is not sent and stays NaN (masked out) instead of failing a batch.
+        # The same items are skipped whether text or token ids are sent.
         nonempty = [i for i, it in enumerate(items) if _completion(it).strip()]
-        plain = [i for i in nonempty if isinstance(items[i], tuple)]
-        chat = [i for i in nonempty if not isinstance(items[i], tuple)]
+        if self.score_fingerprint and reward_ids is not None:
+            as_ids = [i for i in nonempty if reward_ids[i] is not None]
+        else:
+            as_ids = []
+        sent_ids = set(as_ids)
+        plain = [i for i in nonempty if isinstance(items[i], tuple) and i not in sent_ids]
+        chat = [i for i in nonempty if not isinstance(items[i], tuple) and i not in sent_ids]
         scores = np.full(len(items), np.nan, dtype=np.float32)
         model = self.cfg.reward_model
-        for idx, method in ((plain, self.client.score), (chat, self.client.score_messages)):
+        calls: list[tuple[list[int], list[Any], Callable[..., list[Any]]]] = [
+            (plain, [items[i] for i in plain], self.client.score),
+            (chat, [items[i] for i in chat], self.client.score_messages),
+            (as_ids, [reward_ids[i] for i in as_ids] if as_ids else [], self._score_ids),
+        ]
+        for idx, sub, method in calls:
             if not idx:
                 continue
-            sub = [items[i] for i in idx]
             results = self._batch_or_per_item(
                 len(sub), lambda sl, sub=sub, method=method: method(sub[sl], model=model), "Score"
             )
@@ -281,6 +305,48 @@ def check_reference(info: Any, cfg: RewardServiceConfig, fingerprint: str) -> st
             "initial checkpoint as the reference model"
         )
     return ref_name
+
+
+def reward_members(info: Any, name: str) -> list[Any]:
+    """The ModelInfo of reward model `name`, or of each member of a combination."""
+    from reward_server.api.rlhf.v1 import reward_service_pb2 as pb
+
+    by_name = {m.name: m for m in info.models}
+    m = by_name[name]
+    if m.role != pb.MODEL_ROLE_REWARD_COMBINATION:
+        return [m]
+    return [by_name[h] for h in m.heads if h in by_name]
+
+
+def reward_fingerprint(info: Any, name: str) -> str:
+    """The tokenizer fingerprint of reward model `name`; of a combination, its members' common
+    fingerprint ("" when they differ: token ids cannot be sent to it)."""
+    fps = {m.tokenizer_fingerprint for m in reward_members(info, name)}
+    return str(fps.pop()) if len(fps) == 1 else ""
+
+
+def decide_score_input(
+    info: Any, cfg: RewardServiceConfig, policy_fingerprint: str
+) -> tuple[str, str, str]:
+    """Decided once at start: ``("token_ids" | "text", reward model's fingerprint, reason)``.
+    Token ids when ``cfg.score_token_ids`` and the reward model (every member of a combination)
+    has the policy's tokenizer fingerprint: the reward model then reads exactly the generated
+    tokens, with no decode/re-encode drift and no tokenisation on the server."""
+    name = cfg.reward_model or info.default_reward_model
+    fp = reward_fingerprint(info, name)
+    if not cfg.score_token_ids:
+        return "text", fp, "server.score_token_ids is false"
+    if not fp:
+        return "text", fp, f"the members of {name!r} have different tokenizers"
+    if fp != policy_fingerprint:
+        return (
+            "text",
+            fp,
+            f"reward model {name!r} has another tokenizer ({fp} != {policy_fingerprint})",
+        )
+    if any(m.input_format == "pair" for m in reward_members(info, name)):
+        return "text", fp, f"reward model {name!r} reads text pairs (input_format pair)"
+    return "token_ids", fp, f"reward model {name!r} shares the policy's tokenizer ({fp})"
 
 
 def check_server(info: Any, cfg: RewardServiceConfig, fingerprint: str) -> None:

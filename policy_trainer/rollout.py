@@ -100,6 +100,19 @@ def _reward_input(prompt: Prompt, completion: str) -> RewardInput:
     return (prompt.text, completion)
 
 
+def _reward_ids(prompt: Prompt, response: list[int], eos: int) -> list[int] | None:
+    """What the reward model reads, as the policy's token ids: prompt + response without its
+    final EOS (the text path's ``prompt + completion``, which has no EOS either:
+    `reward_server.models.text_format`), with no decode/re-encode. None for a chat prompt: its
+    ids carry the policy's generation prompt, not the reward model's rendering of the
+    conversation, so it goes as text."""
+    if prompt.messages is not None:
+        return None
+    if response and response[-1] == eos:
+        response = response[:-1]
+    return prompt.token_ids + response
+
+
 def collect_rollout(
     model: ActorCritic,
     prompts: list[Prompt],
@@ -168,6 +181,7 @@ def collect_rollout(
             [_reward_input(p, c) for p, c in zip(chunk, completions, strict=True)],
             [p.token_ids + r for p, r in zip(chunk, resp_lists, strict=True)],
             [len(p.token_ids) for p in chunk],
+            [_reward_ids(p, r, eos) for p, r in zip(chunk, resp_lists, strict=True)],
         )
         resp, rmask = right_pad(resp_lists, pad, device, width=r_max)  # [C, R]
         gen_seconds += time.perf_counter() - t0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -50,6 +51,7 @@ from policy_trainer.remote import (
     ServerRejectedError,
     ServerUnavailableError,
     check_server,
+    decide_score_input,
     describe_server,
 )
 from policy_trainer.rollout import RolloutBatch, collect_rollout
@@ -252,6 +254,23 @@ class PPOTrainer:
             self.cfg.rollout.temperature,
             self.fingerprint if s.check_fingerprint else None,
         )
+        self._decide_score_input(info)
+
+    def _decide_score_input(self, info: Any) -> None:
+        """Token ids or text to Score, once for the run: logged and written to
+        ``reward_input.json`` in the run directory."""
+        assert self.remote is not None
+        mode, reward_fp, reason = decide_score_input(info, self.cfg.server, self.fingerprint)
+        self.remote.score_fingerprint = self.fingerprint if mode == "token_ids" else ""
+        log.info("Score gets %s: %s", mode, reason)
+        if self.dist.is_main:
+            record = {
+                "score_input": mode,
+                "reason": reason,
+                "policy_tokenizer_fingerprint": self.fingerprint,
+                "reward_tokenizer_fingerprint": reward_fp,
+            }
+            (self.run_dir / "reward_input.json").write_text(json.dumps(record, indent=2) + "\n")
 
     def close(self) -> None:
         if self.remote is not None:

@@ -35,6 +35,7 @@ from reward_server.client.messages import (
     Conversation,
     PairLike,
     ScoreResult,
+    id_items,
     message_items,
     parse_logprobs,
     parse_scores,
@@ -174,6 +175,24 @@ class Api:
         """Score chat conversations rendered with the reward model's chat template."""
         return (yield from _score(self, message_items(conversations), model, truncation, timeout))
 
+    def score_ids(
+        self,
+        token_ids: Sequence[Sequence[int]],
+        *,
+        tokenizer_fingerprint: str,
+        model: str = "",
+        truncation: str = "",
+        timeout: float | None = None,
+    ) -> Steps[list[ScoreResult]]:
+        """Score token id sequences exactly as given (no decode, no re-tokenisation, no
+        template; truncation still applies); `tokenizer_fingerprint` is that of the tokenizer
+        that produced them (`reward_server.fingerprint`) and must be the reward model's
+        (FAILED_PRECONDITION otherwise). Results in input order."""
+        if not tokenizer_fingerprint:
+            raise ValueError("score_ids needs the tokenizer_fingerprint of the ids' tokenizer")
+        items = id_items(token_ids)
+        return (yield from _score(self, items, model, truncation, timeout, tokenizer_fingerprint))
+
     def reference_logprobs(
         self,
         token_ids: Sequence[Sequence[int]],
@@ -231,6 +250,7 @@ class Api:
 API = (
     "score",
     "score_messages",
+    "score_ids",
     "reference_logprobs",
     "server_info",
     "health",
@@ -240,12 +260,17 @@ API = (
 
 
 def _score(
-    client: Any, items: list[pb.ScoreItem], model: str, truncation: str, timeout: float | None
+    client: Any,
+    items: list[pb.ScoreItem],
+    model: str,
+    truncation: str,
+    timeout: float | None,
+    fingerprint: str = "",
 ) -> Steps[list[ScoreResult]]:
     if not items:
         return []
     size = yield from _max_items(client)
-    reqs = score_requests(items, model, truncation, size)
+    reqs = score_requests(items, model, truncation, size, fingerprint)
     return parse_scores((yield from _call(client, "Score", reqs, timeout)))
 
 

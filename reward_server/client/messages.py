@@ -59,19 +59,29 @@ def score_items(pairs: Iterable[PairLike]) -> list[pb.ScoreItem]:
     return items
 
 
+def id_items(token_ids: Iterable[Sequence[int]]) -> list[pb.ScoreItem]:
+    """Token id sequences (lists or 1-D integer arrays) -> ScoreItem with token_ids."""
+    return [pb.ScoreItem(token_ids=[int(t) for t in ids]) for ids in token_ids]
+
+
 def message_items(conversations: Iterable[Conversation]) -> list[pb.ScoreItem]:
     """Chat conversations (lists of role/content dicts) -> ScoreItem."""
     return [pb.ScoreItem(messages=_chat(conv)) for conv in conversations]
 
 
 def score_requests(
-    items: list[pb.ScoreItem], model: str, truncation: str, size: int
+    items: list[pb.ScoreItem], model: str, truncation: str, size: int, fingerprint: str = ""
 ) -> list[pb.ScoreRequest]:
-    """ScoreRequests of at most `size` items each."""
+    """ScoreRequests of at most `size` items each (`fingerprint`: of the items' token ids)."""
     if truncation not in TRUNCATION:
         raise ValueError(f"truncation={truncation!r}: expected one of {sorted(TRUNCATION)}")
     return [
-        pb.ScoreRequest(model=model, items=items[a:b], truncation=TRUNCATION[truncation])
+        pb.ScoreRequest(
+            model=model,
+            items=items[a:b],
+            truncation=TRUNCATION[truncation],
+            tokenizer_fingerprint=fingerprint,
+        )
         for a, b in chunks(len(items), size)
     ]
 

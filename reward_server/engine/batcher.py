@@ -212,22 +212,35 @@ class DynamicBatcher:
             futures.append(fut)
         self._obs.on_queue_depth(self.name, len(self._queue))
         self._wakeup.set()
+        # The deadline is one timer that fails the items' own futures, and the futures are awaited
+        # in turn: no wait_for (an extra future, task wrapper and callbacks) and no gather per
+        # request, the largest Python costs of a single-item request after tokenisation
+        # (docs/BENCHMARKS.md, "Token-in scoring and per-request cost").
+        timer = None
+        if deadline is not None:
+            timer = loop.call_at(
+                loop.time() + max(0.0, deadline - now), self._expire, futures, len(payloads)
+            )
         try:
-            if deadline is None:
-                outs = await asyncio.gather(*futures)
-            else:
-                outs = await asyncio.wait_for(asyncio.gather(*futures), max(0.0, deadline - now))
-        except asyncio.TimeoutError:
-            for f in futures:
-                f.cancel()  # dropped before the forward if still queued
-            raise DeadlineExceeded(
-                f"deadline passed while {len(payloads)} item(s) waited for model {self.name!r}"
-            ) from None
+            outs = [await f for f in futures]
         except BaseException:
             for f in futures:
-                f.cancel()
+                if not f.done():
+                    f.cancel()  # dropped before the forward if still queued
+                elif not f.cancelled():
+                    f.exception()  # retrieved: no "exception was never retrieved" log
             raise
+        finally:
+            if timer is not None:
+                timer.cancel()
         return Submitted([o[0] for o in outs], max(o[1] for o in outs), max(o[2] for o in outs))
+
+    def _expire(self, futures: list[asyncio.Future], n: int) -> None:
+        """A request's deadline passed: fail its items that have no result yet."""
+        exc = DeadlineExceeded(f"deadline passed while {n} item(s) waited for model {self.name!r}")
+        for f in futures:
+            if not f.done():
+                f.set_exception(exc)
 
     # ------------------------------------------------------------------ scheduling
     def _drop_dead(self) -> None:

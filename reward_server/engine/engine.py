@@ -170,13 +170,39 @@ class Engine:
                 f"too many {what}: {n} > max_items_per_request {self.config.max_items_per_request}; split the batch"
             )
 
+    def _check_fingerprint(self, name: str, items: list[ScoreInput], fingerprint: str) -> None:
+        """Token-in scoring: ids need the request's fingerprint, and a fingerprint (sent with or
+        without ids) must be the model's, every member's for a combination."""
+        if not fingerprint:
+            if any(it.token_ids for it in items):
+                raise InvalidArgument(
+                    "token_ids need tokenizer_fingerprint: send the fingerprint of the tokenizer "
+                    "that produced them (GetServerInfo lists each model's)"
+                )
+            return
+        comb = self.registry.combinations.get(name)
+        for member in comb.members if comb is not None else [name]:
+            have = self.registry.rewards[member].fingerprint
+            if fingerprint != have:
+                raise FailedPrecondition(
+                    f"tokenizer fingerprint {fingerprint!r} does not match model {member!r} "
+                    f"({have!r}): the token ids come from another vocabulary; send text instead"
+                )
+
     async def score(
-        self, model: str, items: list[ScoreInput], truncation: str, deadline: float | None
+        self,
+        model: str,
+        items: list[ScoreInput],
+        truncation: str,
+        deadline: float | None,
+        fingerprint: str = "",
     ) -> tuple[str, list[ScoreResult], Timing]:
-        """Score items with a reward model or a combination."""
+        """Score items with a reward model or a combination. Items may carry token ids instead of
+        text (all or none of them), with `fingerprint` the tokenizer's that produced them."""
         t0 = time.monotonic()
         self._check_count(len(items), "items")
         name = self.registry.resolve(model, "reward")
+        self._check_fingerprint(name, items, fingerprint)
         truncation = truncation or self.config.truncation
         if name in self.registry.combinations:
             comb = self.registry.combinations[name]

@@ -38,11 +38,15 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class ScoreInput:
-    """One item as text: prompt + completion, or chat messages (list of role/content dicts)."""
+    """One item as text: prompt + completion, or chat messages (list of role/content dicts);
+    or as token ids of the model's vocabulary (`token_ids`, scored exactly as given)."""
 
     prompt: str = ""
     completion: str = ""
     messages: list[dict[str, str]] | None = None
+    token_ids: list[int] | None = None
+    """Token-in scoring: the model's input ids as the caller's tokenizer (of the same
+    fingerprint) produced them: no rendering, no tokenisation, no special tokens added."""
 
 
 @dataclass
@@ -153,10 +157,48 @@ class RewardRunnerBase:
                     texts.append(render_pair(self.tokenizer, it.prompt, it.completion))
         return texts
 
+    def id_limit(self) -> int:
+        """Token ids a request may send are in [0, id_limit): the tokenizer's vocabulary, within
+        the model's embedding rows."""
+        return min(len(self.tokenizer), self.vocab_rows())
+
+    def _check_ids(self, items: Sequence[ScoreInput]) -> list[list[int]]:
+        """Token-in items' ids; InvalidArgument naming the item for text and ids in one item, a
+        request mixing text and id items, ids out of the vocabulary, or a text-pair model."""
+        limit = self.id_limit()
+        out = []
+        for i, it in enumerate(items):
+            ids = it.token_ids
+            if not ids:
+                raise InvalidArgument(
+                    f"item {i} is text but other items have token_ids: a request sends either "
+                    "text or token_ids for all its items"
+                )
+            if it.prompt or it.completion or it.messages:
+                raise InvalidArgument(
+                    f"item {i}: set either token_ids or prompt/completion/messages, not both"
+                )
+            lo, hi = min(ids), max(ids)
+            if lo < 0 or hi >= limit:
+                raise InvalidArgument(
+                    f"item {i}: token id {lo if lo < 0 else hi} out of vocabulary "
+                    f"[0, {limit - 1}] of model {self.name!r}"
+                )
+            out.append(ids)
+        if self.input_format == "pair":
+            raise InvalidArgument(
+                f"model {self.name!r} reads text pairs (input_format 'pair': separator and "
+                "segment ids): send prompt and completion text, not token_ids"
+            )
+        return out
+
     def encode(self, items: Sequence[ScoreInput], truncation: str) -> list[EncodedItem]:
-        """Tokenise with the model's tokenizer and apply the truncation policy."""
+        """Tokenise with the model's tokenizer (or take the items' token ids as given) and apply
+        the truncation policy."""
         types_list: list[Any] = [None] * len(items)
-        if self.input_format == "pair" and any(not it.messages for it in items):
+        if any(it.token_ids for it in items):
+            ids_list: list[Any] = self._check_ids(items)
+        elif self.input_format == "pair" and any(not it.messages for it in items):
             ids_list, types_list = self._encode_pairs(items)
         else:
             texts = self.render(items)

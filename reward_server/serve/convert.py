@@ -29,10 +29,20 @@ ROLE_TO_PB = {
 
 def score_inputs(request: pb.ScoreRequest) -> list[ScoreInput]:
     """ScoreRequest items -> ScoreInput (with the item's safety_prompt flag, which only
-    combination rules read)."""
+    combination rules read); an item's token_ids, when set, with whatever text it also has."""
     out: list[ScoreInput] = []
     for it in request.items:
-        if len(it.messages):
+        if len(it.token_ids):  # text fields too: refused by the runner, naming the item
+            out.append(
+                ScoreItemInput(
+                    prompt=it.prompt,
+                    completion=it.completion,
+                    messages=[{"role": m.role, "content": m.content} for m in it.messages],
+                    token_ids=list(it.token_ids),
+                    safety_prompt=it.safety_prompt,
+                )
+            )
+        elif len(it.messages):
             out.append(
                 ScoreItemInput(
                     messages=[{"role": m.role, "content": m.content} for m in it.messages],

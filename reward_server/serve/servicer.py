@@ -161,7 +161,11 @@ class RewardServicer(pb_grpc.RewardServiceServicer):
         if isinstance(request, Malformed):
             raise request.error
         model, results, timing = await self.engine.score(
-            request.model, convert.score_inputs(request), convert.truncation(request), deadline
+            request.model,
+            convert.score_inputs(request),
+            convert.truncation(request),
+            deadline,
+            request.tokenizer_fingerprint,
         )
         self.metrics.tokenize_time.labels(model).observe(timing.tokenize)
         return convert.score_response(model, results, timing, rid)

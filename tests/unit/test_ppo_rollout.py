@@ -217,7 +217,7 @@ class _RecordingRemote:
     def __init__(self, events: list[str]) -> None:
         self.events, self.n = events, 0
 
-    def submit(self, items, token_ids, starts):
+    def submit(self, items, token_ids, starts, reward_ids=None):
         i, self.n = self.n, self.n + 1
         self.events.append(f"submit{i}")
         scores = np.array([float(len(c)) for _, c in items], dtype=np.float32)
