@@ -137,6 +137,35 @@ def split_groups(groups: Sequence[Group]) -> tuple[list[Group], list[int]]:
     return shared, single
 
 
+def forward_grouped(
+    batch: Sequence[Any],
+    groups: Sequence[Group],
+    plain: Callable[[Sequence[Any]], list[Any]],
+    shared: Callable[[list[Group], list[Any]], bool],
+    report: Callable[[list[Group]], None] | None,
+) -> list[Any]:
+    """One batch's results through the shared path where items group (`plan_groups`), the plain
+    forward for the rest; the reward and the reference runners both take it. `shared(groups,
+    out)` fills `out` for the groups' members, or returns False (the model's cache cannot be
+    shared) and they run plain too; `report(groups)` is told of the groups that shared."""
+    multi, single = split_groups(groups)
+    if not multi:
+        return plain(batch)
+    out: list[Any] = [None] * len(batch)
+
+    def run_plain(indices: list[int]) -> None:
+        for i, v in zip(indices, plain([batch[i] for i in indices]), strict=True):
+            out[i] = v
+
+    if single:
+        run_plain(single)
+    if not shared(multi, out):
+        run_plain([i for g in multi for i in g.members])
+    elif report is not None:
+        report(multi)
+    return out
+
+
 def probe_ids(vocab: int, pad_id: int, n: int = 24) -> list[int]:
     """`n` token ids of the vocabulary other than the pad id, for the load-time check."""
     ids = [t for t in range(min(vocab, 64)) if t != pad_id]

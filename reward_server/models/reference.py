@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -27,12 +28,12 @@ from reward_server.models.prefix import (
     cache_argument,
     chunk_members,
     distinct_heads,
+    forward_grouped,
     plan_groups,
     probe_ids,
     run_continuations,
     run_prefix,
     sharing_agrees,
-    split_groups,
 )
 from reward_server.models.runner import run_with_oom_split
 from reward_server.tokenizer_loading import load_tokenizer
@@ -155,20 +156,14 @@ class ReferenceRunner:
         if self.cache_arg is None or len(batch) < 2:
             return self._forward_plain(batch)
         seqs = [s.token_ids for s in batch]
-        groups, single = split_groups(plan_groups(seqs))
-        if not groups:
-            return self._forward_plain(batch)
-        out: list[Any] = [None] * len(batch)
-        if single:
-            for i, v in zip(single, self._forward_plain([batch[i] for i in single]), strict=True):
-                out[i] = v
-        if not self._forward_shared(groups, batch, out):
-            rest = [i for g in groups for i in g.members]
-            for i, v in zip(rest, self._forward_plain([batch[i] for i in rest]), strict=True):
-                out[i] = v
-        elif self.on_sharing is not None:
-            self.on_sharing(self.name, groups)
-        return out
+        report = None if self.on_sharing is None else partial(self.on_sharing, self.name)
+        return forward_grouped(
+            batch,
+            plan_groups(seqs),
+            self._forward_plain,
+            lambda multi, out: self._forward_shared(multi, batch, out),
+            report,
+        )
 
     def _forward_shared(
         self, groups: list[Group], batch: Sequence[RefSequence], out: list[Any]

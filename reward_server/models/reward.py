@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -19,12 +20,12 @@ from reward_server.models.prefix import (
     cache_argument,
     chunk_members,
     distinct_heads,
+    forward_grouped,
     plan_groups,
     probe_ids,
     run_continuations,
     run_prefix,
     sharing_agrees,
-    split_groups,
 )
 from reward_server.models.runner import run_with_oom_split
 from reward_server.models.text_format import render_messages, render_pair
@@ -342,20 +343,15 @@ class RewardRunner(RewardRunnerBase):
         if self.cache_arg is None or len(batch) < 2 or batch[0].token_type_ids is not None:
             return self._forward_plain(batch)
         seqs = [it.input_ids for it in batch]
-        groups, single = split_groups(plan_groups(seqs, [self.share_limit(s) for s in seqs]))
-        if not groups:
-            return self._forward_plain(batch)
-        out: list[Any] = [None] * len(batch)
-        if single:
-            for i, v in zip(single, self._forward_plain([batch[i] for i in single]), strict=True):
-                out[i] = v
-        if not self._forward_shared(groups, seqs, out):
-            rest = [i for g in groups for i in g.members]
-            for i, v in zip(rest, self._forward_plain([batch[i] for i in rest]), strict=True):
-                out[i] = v
-        elif self.on_sharing is not None:
-            self.on_sharing(self.name, groups)
-        return out
+        groups = plan_groups(seqs, [self.share_limit(s) for s in seqs])
+        report = None if self.on_sharing is None else partial(self.on_sharing, self.name)
+        return forward_grouped(
+            batch,
+            groups,
+            self._forward_plain,
+            lambda multi, out: self._forward_shared(multi, seqs, out),
+            report,
+        )
 
     def share_limit(self, ids: Sequence[int]) -> int:
         """Most leading tokens an item may share: the head reads the last non-pad token (as the
