@@ -16,10 +16,13 @@ def _sigmoid(x: float) -> float:
     return 1.0 / (1.0 + math.exp(-x))
 
 
-def write_pairs(path: Path, pairs: list[tuple[Sample, Sample]], rng: random.Random) -> float:
+def write_pairs(
+    path: Path, pairs: list[tuple[Sample, Sample]], rng: random.Random
+) -> tuple[float, float]:
     """Label and write pairs as {"prompt","chosen","rejected"} JSONL; return the Bayes ceiling
-    (the accuracy of a perfect model of the gold function on these noisy labels, in expectation)."""
-    ceiling = 0.0
+    (the accuracy of a perfect model of the gold function on these noisy labels, in expectation)
+    and the gold function's accuracy on the labels actually drawn (ties count half)."""
+    ceiling = hits = 0.0
     with open(path, "w") as fh:
         for a, b in pairs:
             p_a = _sigmoid(
@@ -28,13 +31,14 @@ def write_pairs(path: Path, pairs: list[tuple[Sample, Sample]], rng: random.Rand
             )
             ceiling += max(p_a, 1.0 - p_a)
             chosen, rejected = (a, b) if rng.random() < p_a else (b, a)
+            hits += 0.5 if p_a == 0.5 else float((p_a > 0.5) == (chosen is a))
             fh.write(
                 json.dumps(
                     {"prompt": a.prompt.text, "chosen": chosen.text, "rejected": rejected.text}
                 )
                 + "\n"
             )
-    return ceiling / max(1, len(pairs))
+    return ceiling / max(1, len(pairs)), hits / max(1, len(pairs))
 
 
 def build_preferences(
@@ -56,5 +60,10 @@ def build_preferences(
     out_dir.mkdir(parents=True, exist_ok=True)
     train_path, heldout_path = out_dir / "prefs_train.jsonl", out_dir / "prefs_heldout.jsonl"
     write_pairs(train_path, pairs[:n_train], rng)
-    ceiling = write_pairs(heldout_path, pairs[n_train : n_train + n_heldout], rng)
-    return {"train": str(train_path), "heldout": str(heldout_path), "bayes_ceiling": ceiling}
+    ceiling, gold_acc = write_pairs(heldout_path, pairs[n_train : n_train + n_heldout], rng)
+    return {
+        "train": str(train_path),
+        "heldout": str(heldout_path),
+        "bayes_ceiling": ceiling,
+        "gold_accuracy": gold_acc,
+    }

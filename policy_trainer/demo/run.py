@@ -1,5 +1,6 @@
 """The demo pipeline: synthetic task -> SFT -> preferences -> `reward-server train` ->
-`reward-server serve` (own process) -> `policy-trainer ppo` over gRPC -> before/after report.
+`reward-server serve` (own process) -> `policy-trainer ppo`, `policy-trainer best-of-n` and
+`policy-trainer dpo` against it over gRPC -> before/after report and the three methods compared.
 
 Every stage after SFT runs through the real command lines, as a user would run them.
 """
@@ -92,10 +93,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--beta", type=float, default=0.1, help="fixed KL coefficient")
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--sft-steps", type=int, default=400)
-    p.add_argument("--pairs", type=int, default=5000, help="training preference pairs")
+    p.add_argument("--pairs", type=int, default=20000, help="training preference pairs")
     p.add_argument("--heldout-pairs", type=int, default=800)
     p.add_argument("--rm-epochs", type=int, default=2)
     p.add_argument("--eval-prompts", type=int, default=512)
+    p.add_argument(
+        "--bon-n",
+        default="1,4,16,64",
+        help="best-of-n: the n values (one `policy-trainer best-of-n` run each)",
+    )
+    p.add_argument(
+        "--bon-prompts",
+        type=int,
+        default=256,
+        help="best-of-n: the first this many evaluation prompts",
+    )
+    p.add_argument("--dpo-epochs", type=int, default=1, help="DPO passes over the RM's pairs")
+    p.add_argument("--dpo-lr", type=float, default=3e-4)
+    p.add_argument("--dpo-beta", type=float, default=0.1)
     args = p.parse_args(argv)
     if args.iterations is None:
         args.iterations = 150 if args.overoptimization else 60
@@ -117,15 +132,20 @@ def main(argv: list[str] | None = None) -> int:
     from policy_trainer.demo.sft import train_sft
     from policy_trainer.demo.task import sample_prompts
 
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
-    _step("1/6 synthetic task and SFT: a tiny GPT-2 learns well-formed, unremarkable responses")
+    # One intra-op thread everywhere (this process, reward-server train, the trainer runs, the
+    # server): the model is tiny, and on a shared 2-core machine a second OpenMP thread that is
+    # descheduled stalls every parallel region (measured 2026-11-27 under load: an SFT step took
+    # 2.35 s with 2 threads, 0.08 s with 1).
+    torch.set_num_threads(1)
+    one_thread = {**os.environ, "OMP_NUM_THREADS": "1"}
+    _step("1/8 synthetic task and SFT: a tiny GPT-2 learns well-formed, unremarkable responses")
     train_sft(out / "sft", steps=args.sft_steps, seed=args.seed)
     with open(out / "prompts.jsonl", "w") as fh:
         for pr in sample_prompts(2000, random.Random(args.seed + 7)):
             fh.write(json.dumps({"prompt": pr.text}) + "\n")
 
     _step(
-        "2/6 preference pairs sampled from SFT, labelled by the hidden gold function (Bradley-Terry noise)"
+        "2/8 preference pairs sampled from SFT, labelled by the hidden gold function (Bradley-Terry noise)"
     )
     prefs = build_preferences(
         out / "sft", out / "prefs", n_train=args.pairs, n_heldout=args.heldout_pairs, seed=args.seed
@@ -134,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.pairs} training pairs, {args.heldout_pairs} held out; Bayes ceiling of the noisy labels {prefs['bayes_ceiling']:.3f}"
     )
 
-    _step("3/6 reward model: reward-server train (Bradley-Terry, initialised from the SFT model)")
+    _step("3/8 reward model: reward-server train (Bradley-Terry, initialised from the SFT model)")
     rm_cmd = [
         *_cli("reward-server"),
         "train",
@@ -158,14 +178,14 @@ def main(argv: list[str] | None = None) -> int:
         str(args.seed),
         "--no-progress",
     ]
-    subprocess.run(rm_cmd, check=True)
+    subprocess.run(rm_cmd, check=True, env=one_thread)
     rm_evals = [
         json.loads(line) for line in (out / "rm" / "metrics.jsonl").read_text().splitlines()
     ]
     rm_eval = [m for m in rm_evals if m.get("eval_accuracy") is not None][-1]
 
     _step(
-        "4/6 reward-server serve: the reward model and the SFT model (as reference) in their own process"
+        "4/8 reward-server serve: the reward model and the SFT model (as reference) in their own process"
     )
     from reward_server.client import RewardClient
     from reward_server.local_server import start_local_server
@@ -187,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         print(f"server SERVING on {server.address} (log: {server.log_path})")
 
-        _step(f"5/6 policy-trainer ppo against the server over gRPC ({args.iterations} iterations)")
+        _step(f"5/8 policy-trainer ppo against the server over gRPC ({args.iterations} iterations)")
         cfg = ppo_config(out, port, args)
         (out / "ppo.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
         subprocess.run(
@@ -197,12 +217,31 @@ def main(argv: list[str] | None = None) -> int:
             json.loads(line) for line in (out / "ppo" / "metrics.jsonl").read_text().splitlines()
         ]
 
-        _step("6/6 evaluation: SFT vs final policy on the same fresh prompts")
         from policy_trainer.checkpoint import latest_checkpoint
+        from policy_trainer.demo import methods
         from policy_trainer.demo.evaluate import compare, plot_curves
 
         final = latest_checkpoint(out / "ppo")
         assert final is not None, "the PPO run left no checkpoint"
+        eval_prompts = sample_prompts(args.eval_prompts, random.Random(args.seed + 100))
+        ns = [int(x) for x in args.bon_n.split(",") if x.strip()]
+        _step(
+            f"6/8 policy-trainer best-of-n from SFT, scored by the same reward model, n = {ns} "
+            f"({args.bon_prompts} prompts)"
+        )
+        bon = methods.run_best_of_n(
+            out,
+            server.address,
+            ns,
+            eval_prompts[: args.bon_prompts],
+            max_new_tokens=args.max_new_tokens,
+            seed=args.seed,
+            cli=_cli("policy-trainer"),
+        )
+        _step("7/8 policy-trainer dpo on the reward model's training pairs (reference: the server)")
+        dpo_policy, dpo_last = methods.run_dpo(out, server.address, args, _cli("policy-trainer"))
+
+        _step("8/8 evaluation: SFT, PPO and DPO on the same fresh prompts (KL via the server)")
         res = compare(
             out / "sft",
             final / "policy",
@@ -212,14 +251,38 @@ def main(argv: list[str] | None = None) -> int:
             max_new_tokens=args.max_new_tokens,
             missing_eos_penalty=cfg["rollout"]["missing_eos_penalty"],
         )
+        evals = {}
+        for i, (name, path) in enumerate(
+            (("sft", out / "sft"), ("ppo", final / "policy"), ("dpo", dpo_policy))
+        ):
+            evals[name] = methods.evaluate_policy(
+                path,
+                eval_prompts,
+                client,
+                reference="sft",
+                seed=args.seed + 200 + i,
+                max_new_tokens=args.max_new_tokens,
+                missing_eos_penalty=cfg["rollout"]["missing_eos_penalty"],
+            )
     finally:
         client.close()
         code = server.terminate(timeout=60)
     tail = metrics[-5:]
+    points = {
+        k: methods.policy_summary(v, evals["sft"] if k != "sft" else None) for k, v in evals.items()
+    }
+    points["ppo"]["kl_training_final"] = sum(m["kl_mean"] for m in tail) / len(tail)
+    points["dpo"]["training"] = {
+        k: dpo_last[k]
+        for k in ("step", "eval_loss", "eval_rewards/accuracies", "eval_rewards/margins")
+        if k in dpo_last
+    }
+    points["dpo"]["config"] = {"beta": args.dpo_beta, "lr": args.dpo_lr, "epochs": args.dpo_epochs}
     summary = {
         "rm_heldout_accuracy": rm_eval["eval_accuracy"],
         "rm_heldout_loss": rm_eval["eval_loss"],
         "rm_bayes_ceiling": prefs["bayes_ceiling"],
+        "rm_heldout_gold_accuracy": prefs["gold_accuracy"],
         **{k: v for k, v in res.items() if k != "examples_final"},
         "kl_final": sum(m["kl_mean"] for m in tail) / len(tail),
         "proxy_reward_first_iteration": metrics[0]["reward_mean"],
@@ -231,6 +294,11 @@ def main(argv: list[str] | None = None) -> int:
         "seed": args.seed,
         "wall_seconds": time.monotonic() - t_start,
         "examples_final": res["examples_final"],
+        "sft": points["sft"],
+        "ppo": points["ppo"],
+        "best_of_n": bon,
+        "dpo": points["dpo"],
+        "comparison": methods.compare_methods(bon, points, metrics),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     (out / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
@@ -240,6 +308,13 @@ def main(argv: list[str] | None = None) -> int:
         else f"PPO, beta {cfg['ppo']['kl_coef']}"
     )
     plot_curves(metrics, out / "curves.png", title)
+    methods.plot_methods(
+        out / "methods.png",
+        bon,
+        metrics,
+        {k: points[k] for k in ("sft", "ppo", "dpo")},
+        title=f"seed {args.seed}: best-of-n, PPO (beta {cfg['ppo']['kl_coef']}) and DPO on one reward model",
+    )
     print_report(summary, out)
     return 0 if code == 0 else 1
 
@@ -262,9 +337,40 @@ def print_report(s: dict[str, Any], out: Path) -> None:
         f"reward model held-out accuracy {s['rm_heldout_accuracy']:.3f} (Bayes ceiling {s['rm_bayes_ceiling']:.3f}), "
         f"loss {s['rm_heldout_loss']:.3f} (ln 2 = 0.693)"
     )
+    print(f"(the gold function itself scores {s['rm_heldout_gold_accuracy']:.3f} on these labels)")
     print("final policy samples:")
     for ex in s["examples_final"]:
         print(f"  {ex}")
+    print_methods(s)
     print(
-        f"wrote {out / 'summary.json'}, {out / 'metrics.jsonl'}, {out / 'curves.png'} in {s['wall_seconds']:.0f}s"
+        f"wrote {out / 'summary.json'}, {out / 'metrics.jsonl'}, {out / 'curves.png'}, "
+        f"{out / 'methods.png'} in {s['wall_seconds']:.0f}s"
     )
+
+
+def print_methods(s: dict[str, Any]) -> None:
+    """The three methods on the same reward model: gold and proxy reward against KL."""
+    print("\n" + "=" * 64)
+    print(f"{'method':22s}{'KL (nats)':>11s}{'gold':>9s}{'proxy':>9s}{'win vs SFT':>12s}")
+    print(
+        f"{'SFT':22s}{s['sft']['kl']:11.3f}{s['sft']['gold_reward']:9.3f}{s['sft']['proxy_reward']:9.3f}"
+    )
+    for p in s["best_of_n"]["points"]:
+        name = f"best-of-{p['n']} (analytic KL)"
+        print(f"{name:22s}{p['analytic_kl']:11.3f}{p['gold_reward']:9.3f}{p['proxy_reward']:9.3f}")
+    for key, name in (("ppo", "PPO"), ("dpo", "DPO")):
+        m = s[key]
+        print(
+            f"{name:22s}{m['kl']:11.3f}{m['gold_reward']:9.3f}{m['proxy_reward']:9.3f}"
+            f"{m['gold_win_rate_vs_sft']:12.3f}"
+        )
+    c = s["comparison"]
+    if c["best_of_n_gold_at_ppo_kl"] is not None:
+        print(
+            f"PPO / best-of-n gold at PPO's KL {c['ppo_kl']:.2f}: {c['ppo_over_best_of_n_gold']:.3f}"
+        )
+    elif "largest_n" in c:
+        print(
+            f"PPO's KL {c['ppo_kl']:.2f} lies beyond best-of-{c['largest_n']}'s; PPO / "
+            f"best-of-{c['largest_n']} gold: {c['ppo_over_best_of_largest_n_gold']:.3f}"
+        )

@@ -25,6 +25,10 @@ KEYS = [
 ]
 
 
+def _finite(x: object) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
 def run_demo(out: Path, *extra: str, timeout: int = 900) -> dict:
     r = subprocess.run(
         [sys.executable, "-m", "policy_trainer.demo", "--output", str(out), *extra],
@@ -55,9 +59,38 @@ def test_scaled_down_demo_writes_its_files(tmp_path):
         "8",
         "--rm-epochs",
         "1",
+        "--bon-n",
+        "1,4",
+        "--bon-prompts",
+        "6",
     )
     for key in KEYS:
         assert key in s and isinstance(s[key], (int, float)) and math.isfinite(s[key]), key
+    # the three methods, each through its own command against the same server
+    for method in ("sft", "ppo", "dpo"):
+        for key in ("gold_reward", "proxy_reward", "kl", "eos_rate"):
+            assert _finite(s[method][key]), (method, key)
+    assert abs(s["sft"]["kl"]) < 1e-3  # the reference is the SFT model: KL(SFT || SFT) = 0
+    for method in ("ppo", "dpo"):
+        assert 0.0 <= s[method]["gold_win_rate_vs_sft"] <= 1.0
+    assert s["dpo"]["training"]["step"] == 10  # 300 pairs / 32 per step
+    bon = s["best_of_n"]["points"]
+    assert [p["n"] for p in bon] == [1, 4] and all(p["prompts"] == 6 for p in bon)
+    assert bon[0]["analytic_kl"] == 0.0 and bon[1]["analytic_kl"] == pytest.approx(
+        math.log(4) - 3 / 4
+    )
+    for p in bon:
+        assert _finite(p["gold_reward"]) and _finite(p["proxy_reward"])
+    # best-of-4 keeps the highest of its 4 scores; its mean is best_score_mean
+    rows = [
+        json.loads(x)
+        for x in (out / "best_of_n" / "n4" / "best_of_n.jsonl").read_text().splitlines()
+    ]
+    assert all(r["score"] == max(x for x in r["scores"] if x is not None) for r in rows)
+    assert bon[1]["proxy_reward"] == pytest.approx(sum(r["score"] for r in rows) / len(rows))
+    c = s["comparison"]
+    assert _finite(c["ppo_kl"]) and _finite(c["dpo_gold_win_rate_vs_sft"])
+    assert (out / "methods.png").stat().st_size > 10_000
     assert s["server_exit_code"] == 0  # the server was stopped cleanly (SIGTERM drain)
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["iteration"] for m in lines] == [1, 2, 3]
@@ -77,6 +110,11 @@ def test_full_demo_meets_its_targets(tmp_path, seed):
     assert s["gold_reward_final"] > s["gold_reward_sft"]
     assert s["kl_final"] < 8.0
     assert s["eos_rate_final"] >= 0.9
+    # issue 15's targets that hold for both seeds (docs/ALGORITHMS.md "The demo compares them"):
+    # DPO on the RM's pairs beats SFT; best-of-n's gold rises with n
+    assert s["dpo"]["gold_win_rate_vs_sft"] >= 0.7
+    bon = [p["gold_reward"] for p in s["best_of_n"]["points"]]
+    assert bon == sorted(bon)
 
 
 @pytest.mark.slow
