@@ -75,12 +75,16 @@ def one_request(ch: grpc.Channel, rng: random.Random, vocab: int) -> str:
                 timeout=10,
             )
             return "oversize OK?"
-        if r < 0.80:
+        if r < 0.79:
             score(
                 pb.ScoreRequest(model=f"nope-{rng.randrange(10**6)}", items=[_pair(rng, 5)]),
                 timeout=10,
             )
             return "unknown-model OK?"
+        if r < 0.80:  # a message over the server's --max-message-mb (4 here)
+            raw = ch.unary_unary("/rlhf.v1.RewardService/Score")
+            raw(b"\x0a" + b"x" * (5 << 20), timeout=10)
+            return "huge OK?"
         if r < 0.87:
             fut = score.future(pb.ScoreRequest(items=[_pair(rng, 100)] * 8), timeout=30)
             time.sleep(rng.random() * 0.01)
