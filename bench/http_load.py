@@ -19,7 +19,7 @@ from typing import Any
 import aiohttp
 from google.protobuf import json_format
 
-from bench.loadgen import LoadResult
+from bench.loadgen import LoadResult, run_window
 from reward_server.api.rlhf.v1 import reward_service_pb2 as pb
 
 ROUTES = ("get_reward", "v1/score")
@@ -113,18 +113,7 @@ async def run_http_load(
             asyncio.ensure_future(_client(session, url, route, bodies, c * step, window, result))
             for c in range(clients)
         ]
-        await asyncio.sleep(max(0.0, window[0] - time.perf_counter()))
-        if on_window:
-            await asyncio.to_thread(on_window, "start")
-        await asyncio.sleep(max(0.0, window[1] - time.perf_counter()))
-        if on_window:
-            await asyncio.to_thread(on_window, "end")
-        for t in tasks:
-            t.cancel()
-        done = await asyncio.gather(*tasks, return_exceptions=True)
-        for d in done:
-            if isinstance(d, Exception) and not isinstance(d, asyncio.CancelledError):
-                raise d
+        await run_window(tasks, window, on_window)
     return result
 
 

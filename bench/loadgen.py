@@ -167,19 +167,29 @@ async def run_load(
             asyncio.ensure_future(_client(call, requests, c * step, window, result, timeout))
             for c in range(clients)
         ]
-        await asyncio.sleep(max(0.0, window[0] - time.perf_counter()))
-        if on_window:
-            await asyncio.to_thread(on_window, "start")
-        await asyncio.sleep(max(0.0, window[1] - time.perf_counter()))
-        if on_window:
-            await asyncio.to_thread(on_window, "end")
-        for t in tasks:
-            t.cancel()
-        done = await asyncio.gather(*tasks, return_exceptions=True)
-        for d in done:
-            if isinstance(d, Exception) and not isinstance(d, asyncio.CancelledError):
-                raise d
+        await run_window(tasks, window, on_window)
     return result
+
+
+async def run_window(
+    tasks: list[asyncio.Future],
+    window: tuple[float, float],
+    on_window: Callable[[str], None] | None,
+) -> None:
+    """Let the client `tasks` run until the window ends (``on_window("start")`` and ``("end")``
+    at its edges, off the loop), then stop them; a client's own error is raised."""
+    await asyncio.sleep(max(0.0, window[0] - time.perf_counter()))
+    if on_window:
+        await asyncio.to_thread(on_window, "start")
+    await asyncio.sleep(max(0.0, window[1] - time.perf_counter()))
+    if on_window:
+        await asyncio.to_thread(on_window, "end")
+    for t in tasks:
+        t.cancel()
+    done = await asyncio.gather(*tasks, return_exceptions=True)
+    for d in done:
+        if isinstance(d, Exception) and not isinstance(d, asyncio.CancelledError):
+            raise d
 
 
 def load(address: str, requests: Sequence[tuple[bytes, int]], **kw: Any) -> LoadResult:

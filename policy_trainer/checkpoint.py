@@ -110,3 +110,20 @@ def load_value_head(model: ActorCritic, ckpt: Path) -> None:
     if model.value_head is not None:
         state = torch.load(ckpt / "value_head.pt", map_location="cpu", weights_only=True)
         model.value_head.load_state_dict(state)
+
+
+def checkpoint_to_resume(run_dir: Path, resume: bool) -> Path | None:
+    """The checkpoint a run starts from: the latest one with ``resume`` (a ConfigError when there
+    is none), else None (a ConfigError when the directory already holds checkpoints, so a run
+    is never overwritten by accident)."""
+    from reward_server.config_base import ConfigError
+
+    latest = latest_checkpoint(run_dir)
+    if resume and latest is None:
+        raise ConfigError(f"--resume: no checkpoint under {run_dir / 'checkpoints'}")
+    if not resume and latest is not None:
+        raise ConfigError(
+            f"run.output_dir={run_dir} already holds checkpoints: pass --resume to "
+            "continue that run, or choose another output directory"
+        )
+    return latest

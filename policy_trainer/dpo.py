@@ -27,12 +27,11 @@ from tqdm import tqdm
 
 from policy_trainer.checkpoint import (
     capture_rng,
-    latest_checkpoint,
+    checkpoint_to_resume,
     load_trainer_state,
     restore_rng,
     save_checkpoint,
 )
-from policy_trainer.config import ConfigError
 from policy_trainer.dpo_config import DPOConfig
 from policy_trainer.losses import dpo_loss, logprobs_from_logits
 from policy_trainer.models import ActorCritic, load_policy, load_tokenizer, resolve_device
@@ -94,14 +93,7 @@ class DPOTrainer:
             torch.set_num_threads(cfg.run.num_threads)
         self.device = resolve_device(cfg.model)
         seed_everything(cfg.run.seed)
-        ckpt = latest_checkpoint(self.run_dir) if resume else None
-        if resume and ckpt is None:
-            raise ConfigError(f"--resume: no checkpoint under {self.run_dir / 'checkpoints'}")
-        if not resume and latest_checkpoint(self.run_dir) is not None:
-            raise ConfigError(
-                f"run.output_dir={self.run_dir} already holds checkpoints: pass --resume to "
-                "continue that run, or choose another output directory"
-            )
+        ckpt = checkpoint_to_resume(self.run_dir, resume)
         self.tokenizer = load_tokenizer(cfg.model)
         self.fingerprint = tokenizer_fingerprint(self.tokenizer)
         d = cfg.data

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import signal
 import threading
 import time
@@ -18,7 +17,7 @@ from tqdm import tqdm
 from policy_trainer.checkpoint import (
     capture_rng,
     checkpoint_dir,
-    latest_checkpoint,
+    checkpoint_to_resume,
     load_trainer_state,
     load_value_head,
     restore_rng,
@@ -53,6 +52,7 @@ from policy_trainer.remote import (
     check_server,
     decide_score_input,
     describe_server,
+    open_client,
 )
 from policy_trainer.rollout import RolloutBatch, collect_rollout
 from policy_trainer.run_logging import RunLogger
@@ -108,14 +108,7 @@ class PPOTrainer:
         self.device = resolve_device(cfg.model, self.dist.local_rank)
         init_distributed(self.dist, self.device)
         seed_everything(cfg.run.seed)
-        ckpt = latest_checkpoint(self.run_dir) if resume else None
-        if resume and ckpt is None:
-            raise ConfigError(f"--resume: no checkpoint under {self.run_dir / 'checkpoints'}")
-        if not resume and latest_checkpoint(self.run_dir) is not None:
-            raise ConfigError(
-                f"run.output_dir={self.run_dir} already holds checkpoints: pass --resume to "
-                "continue that run, or choose another output directory"
-            )
+        ckpt = checkpoint_to_resume(self.run_dir, resume)
         self.tokenizer = load_tokenizer(cfg.model)
         self.fingerprint = tokenizer_fingerprint(self.tokenizer)
         self.sample_metrics = (
@@ -229,23 +222,7 @@ class PPOTrainer:
     def connect(self) -> None:
         """Open this rank's client, wait for the server and check its models."""
         s = self.cfg.server
-        self.client = RewardClient(
-            s.address,
-            timeout=s.timeout,
-            max_retries=s.max_retries,
-            budget_seconds=s.retry_budget_seconds,
-            tls_ca=s.tls_ca,
-            tls_cert=s.tls_cert,
-            tls_key=s.tls_key,
-            token=os.environ.get(s.token_env) or None,
-        )
-        try:
-            self.client.wait_until_ready(timeout=s.wait_ready_seconds)
-            info = self.client.server_info()
-        except Exception as e:  # noqa: BLE001 - any failure here means "no usable server"
-            raise ServerUnavailableError(
-                f"the reward server at {s.address} is not ready after {s.wait_ready_seconds:g}s: {e}"
-            ) from None
+        self.client, info = open_client(s)
         check_server(info, s, self.fingerprint)
         log.info(describe_server(info))
         self.remote = RemoteRewards(

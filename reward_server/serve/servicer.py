@@ -52,31 +52,22 @@ def tolerant(cls: type) -> Callable[[bytes], object]:
 
 
 def add_to_server(servicer: RewardServicer, server: grpc.aio.Server) -> None:
-    """`add_RewardServiceServicer_to_server` with tolerant request deserializers."""
-    handlers = {
-        "Score": grpc.unary_unary_rpc_method_handler(
-            servicer.Score,
-            request_deserializer=tolerant(pb.ScoreRequest),
-            response_serializer=pb.ScoreResponse.SerializeToString,
-        ),
-        "ScoreStream": grpc.stream_stream_rpc_method_handler(
-            servicer.ScoreStream,
-            request_deserializer=tolerant(pb.ScoreRequest),
-            response_serializer=pb.ScoreResponse.SerializeToString,
-        ),
-        "ReferenceLogProbs": grpc.unary_unary_rpc_method_handler(
-            servicer.ReferenceLogProbs,
-            request_deserializer=tolerant(pb.ReferenceLogProbsRequest),
-            response_serializer=pb.ReferenceLogProbsResponse.SerializeToString,
-        ),
-        "GetServerInfo": grpc.unary_unary_rpc_method_handler(
-            servicer.GetServerInfo,
-            request_deserializer=tolerant(pb.GetServerInfoRequest),
-            response_serializer=pb.GetServerInfoResponse.SerializeToString,
-        ),
+    """`add_RewardServiceServicer_to_server` with tolerant request deserializers, every RPC of
+    the service descriptor (a new RPC needs no change here)."""
+    desc = pb.DESCRIPTOR.services_by_name["RewardService"]
+    kinds = {
+        (False, False): grpc.unary_unary_rpc_method_handler,
+        (True, True): grpc.stream_stream_rpc_method_handler,
     }
-    assert set(handlers) == set(pb.DESCRIPTOR.services_by_name["RewardService"].methods_by_name)
-    service = pb.DESCRIPTOR.services_by_name["RewardService"].full_name
+    handlers = {
+        m.name: kinds[(m.client_streaming, m.server_streaming)](
+            getattr(servicer, m.name),
+            request_deserializer=tolerant(getattr(pb, m.input_type.name)),
+            response_serializer=getattr(pb, m.output_type.name).SerializeToString,
+        )
+        for m in desc.methods
+    }
+    service = desc.full_name
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
     server.add_registered_method_handlers(service, handlers)
 
