@@ -185,21 +185,29 @@ def start_local_server(
 ) -> LocalServer:
     """Run `reward-server serve ARGS` on a free loopback port (and a free metrics port with
     `metrics`), logging to LOG_DIR/`log_name` (default LABEL-PORT.log); with `wait`, return once
-    it is SERVING (see `LocalServer.wait_serving`)."""
-    port = free_port()
-    metrics_port = free_port() if metrics else 0
-    cmd = serve_command(args, port, program=program, device=device, metrics_port=metrics_port)
-    log_path = Path(log_dir) / (log_name or f"{label}-{port}.log")
-    server = launch(
-        cmd,
-        port,
-        log_path,
-        metrics_port=metrics_port,
-        label=label,
-        env=env,
-        cwd=cwd,
-        stop_timeout=stop_timeout,
-    )
-    if wait:
-        server.wait_serving(timeout, client_kwargs=client_kwargs)
-    return server
+    it is SERVING (see `LocalServer.wait_serving`). A port taken between `free_port` and the
+    server's bind (another process on a shared machine) is retried on new ports, twice."""
+    for attempt in range(3):
+        port = free_port()
+        metrics_port = free_port() if metrics else 0
+        cmd = serve_command(args, port, program=program, device=device, metrics_port=metrics_port)
+        log_path = Path(log_dir) / (log_name or f"{label}-{port}.log")
+        server = launch(
+            cmd,
+            port,
+            log_path,
+            metrics_port=metrics_port,
+            label=label,
+            env=env,
+            cwd=cwd,
+            stop_timeout=stop_timeout,
+        )
+        if not wait:
+            return server
+        try:
+            server.wait_serving(timeout, client_kwargs=client_kwargs)
+            return server
+        except ServerStartError as exc:
+            if attempt == 2 or "Address already in use" not in str(exc):
+                raise
+    raise AssertionError("unreachable")

@@ -14,6 +14,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 )
 
 from reward_server.client import RewardClient
+from tests.conftest import REPO
 
 pytestmark = pytest.mark.integration
 BIN = Path(sys.executable).parent
@@ -182,3 +183,31 @@ def test_requests_before_models_are_loaded_get_unavailable(tiny_ckpts, tmp_path)
         assert (grpc.StatusCode.UNAVAILABLE, True) in seen, seen
     finally:
         sp.stop()
+
+
+def test_a_port_taken_before_the_bind_is_retried(tiny_ckpts, tmp_path, monkeypatch):
+    """`start_local_server` picks a free port, but on a shared machine another process can take
+    it before the server binds: the server then exits 'Address already in use' and is started
+    again on new ports (this failed one CI run)."""
+    import socket
+
+    import reward_server.local_server as ls
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    busy = taken.getsockname()[1]
+    ports = iter([busy])
+    real = ls.free_port
+    monkeypatch.setattr(ls, "free_port", lambda: next(ports, None) or real())
+    try:
+        sp = ls.start_local_server(["--reward-model", str(tiny_ckpts.reward)], tmp_path, cwd=REPO)
+        try:
+            assert sp.port != busy
+            with RewardClient(sp.address) as c:
+                assert c.health() == "SERVING"
+        finally:
+            sp.stop()
+    finally:
+        taken.close()
+    assert "Address already in use" in (tmp_path / f"server-{busy}.log").read_text()
