@@ -104,14 +104,17 @@ def build_requests(
     return out
 
 
-async def _client(
+async def client_loop(
     call: grpc.aio.UnaryUnaryMultiCallable,
     requests: Sequence[tuple[bytes, int]],
     offset: int,
     window: tuple[float, float],
     result: LoadResult,
     timeout: float,
+    metadata: Sequence[tuple[str, str]] | None = None,
 ) -> None:
+    """One closed-loop client: send the next of `requests` (from `offset`) as soon as the last
+    answers, with `metadata` on each call; record the completions inside `window`."""
     start, end = window
     i = offset
     while True:
@@ -121,7 +124,7 @@ async def _client(
         data, k = requests[i % len(requests)]
         i += 1
         try:
-            raw = await call(data, timeout=timeout)
+            raw = await call(data, timeout=timeout, metadata=metadata)
         except grpc.aio.AioRpcError:
             result.errors += 1
             await asyncio.sleep(0.01)
@@ -164,7 +167,7 @@ async def run_load(
         result = LoadResult(clients, duration)
         step = max(1, len(requests) // max(1, clients))
         tasks = [
-            asyncio.ensure_future(_client(call, requests, c * step, window, result, timeout))
+            asyncio.ensure_future(client_loop(call, requests, c * step, window, result, timeout))
             for c in range(clients)
         ]
         await run_window(tasks, window, on_window)

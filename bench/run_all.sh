@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # The runs behind docs/BENCHMARKS.md, in order of importance. Each writes JSON under runs/bench/
 # and prints a table; PNG curves go to docs/. Usage: bash bench/run_all.sh [SECTION...]
-# Sections: tiny small gpt2 latency reference groups budget onnx quantized curves trainer profile (default: all;
+# Sections: tiny small gpt2 latency reference groups budget onnx quantized curves trainer tenants profile (default: all;
 # profile needs py-spy).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 sections=("$@")
-[ ${#sections[@]} -eq 0 ] && sections=(tiny small gpt2 latency reference groups budget onnx quantized curves trainer)
+[ ${#sections[@]} -eq 0 ] && sections=(tiny small gpt2 latency reference groups budget onnx quantized curves trainer tenants)
 T=server,inprocess,inprocess_tight,inprocess_b1,naive
 mkdir -p runs/bench
 for s in "${sections[@]}"; do
@@ -53,6 +53,8 @@ for s in "${sections[@]}"; do
     trainer)
       $PY -m bench trainer --kind small --reward-kind gpt2-small --modes none,chunk,batch \
         --iterations 4 --repeats 3 ;;
+    tenants)
+      $PY -m bench tenants --kind tiny --duration 20 --repeats 2 ;;
     profile)
       $PY -m bench profile --kind tiny --clients 32 --items 1 --duration 12 ;;
     *) echo "unknown section $s"; exit 2 ;;

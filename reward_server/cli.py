@@ -50,6 +50,18 @@ NAMED_FLAGS: dict[str, tuple[str, str | None, str, str]] = {
         "NAME=FORMAT",
         "how a reward model reads a prompt/completion pair: auto, text, pair or chat",
     ),
+    "tenant_shares": (
+        "--tenant-share",
+        None,
+        "NAME=WEIGHT",
+        "a tenant's share of the batcher (fair scheduling; unlisted tenants weigh 1)",
+    ),
+    "tenant_quotas": (
+        "--tenant-quota",
+        None,
+        "NAME=N",
+        "a tenant's queued-item quota per model (overrides --tenant-max-queued-items)",
+    ),
 }
 """The mapping fields of ServerConfig, set by repeated hand-written flags:
 key -> (flag, name of a bare value or None when NAME= is required, metavar, help)."""

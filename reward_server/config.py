@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -16,6 +17,8 @@ from typing import Literal
 from reward_server.config_base import ConfigError, require
 
 __all__ = ["ConfigError", "ServerConfig", "parse_named"]
+TENANT_NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
+"""A tenant's name (serve/tenants.py applies the same rule to names sent in metadata)."""
 
 
 @dataclass
@@ -151,6 +154,20 @@ class ServerConfig:
     """Python logging level."""
     log_format: Literal["text", "json"] = "text"
     """text or json (one JSON object per line)."""
+    tenant_shares: dict[str, str] = field(default_factory=dict)
+    """Share of each tenant in the fair scheduling of a model's batcher (deficit round robin
+    over tokens; docs/API.md, "Tenants"): tenant name -> weight > 0, e.g. ``{"ppo-a": 3}``;
+    unlisted tenants weigh 1."""
+    tenant_max_queued_items: int = 0
+    """Queued items per tenant and model before that tenant's new requests get
+    RESOURCE_EXHAUSTED (other tenants keep being served); 0 = no per-tenant quota, only
+    max_queue_items."""
+    tenant_quotas: dict[str, str] = field(default_factory=dict)
+    """Per-tenant override of tenant_max_queued_items: tenant name -> items (0 = no quota)."""
+    max_metadata_tenants: int = 64
+    """With auth off: distinct tenant names taken from the ``tenant`` metadata key (HTTP:
+    X-Tenant header) before further names all count as the tenant ``other`` (bounds the metrics'
+    labels and the batcher's state)."""
 
     # ---------------------------------------------------------------- checks
     def validate(self) -> None:
@@ -242,6 +259,35 @@ class ServerConfig:
                 "adapters apply to the torch backend only (--adapter with --backend onnx): merge "
                 "the adapter into the checkpoint before `reward-server export-onnx`",
             )
+        self._validate_tenants()
+
+    def _validate_tenants(self) -> None:
+        """The tenant keys: names, weights and quotas (read back by `shares` and `quotas`)."""
+        for key in ("tenant_shares", "tenant_quotas"):
+            for name in getattr(self, key):
+                require(
+                    TENANT_NAME.match(name) is not None,
+                    f"{key}: tenant name {name!r} must be 1-64 letters, digits, '_', '.', '-'",
+                    key,
+                )
+        for name, raw in self.tenant_shares.items():
+            try:
+                weight = float(raw)
+            except ValueError:
+                weight = math.nan
+            require(
+                math.isfinite(weight) and 0.01 <= weight <= 100,
+                f"tenant_shares[{name!r}] must be a number in [0.01, 100], got {raw!r}",
+                "tenant_shares",
+            )
+        for name, raw in self.tenant_quotas.items():
+            require(
+                raw.strip().isdigit(),
+                f"tenant_quotas[{name!r}] must be an integer >= 0, got {raw!r}",
+                "tenant_quotas",
+            )
+        require(self.tenant_max_queued_items >= 0, "tenant_max_queued_items must be >= 0")
+        require(self.max_metadata_tenants >= 1, "max_metadata_tenants must be >= 1")
 
     def resolved_max_batch_tokens(self, device: str) -> int:
         """The padded-token budget for a device (the configured one, else the device default)."""
@@ -273,11 +319,43 @@ class ServerConfig:
 
     def auth_tokens(self) -> list[str]:
         """Accepted bearer tokens from the token file and RLHF_AUTH_TOKENS (never logged)."""
-        tokens: list[str] = []
+        return [token for _, token in self.named_auth_tokens()]
+
+    def named_auth_tokens(self) -> list[tuple[str, str]]:
+        """(tenant name, token) of every accepted bearer token: the token file's lines, then
+        RLHF_AUTH_TOKENS' comma-separated entries. An entry is ``TOKEN`` or ``NAME:TOKEN``; a
+        token without a name is named ``token-N`` (N: its position, from 1), never after the
+        token itself; blank lines and lines starting with ``#`` are skipped. Several tokens may
+        share a name (one tenant, e.g. while a token is rotated)."""
+        entries: list[str] = []
         if self.auth_token_file:
-            tokens += [t.strip() for t in Path(self.auth_token_file).read_text().splitlines()]
-        tokens += os.environ.get("RLHF_AUTH_TOKENS", "").split(",")
-        return [t for t in tokens if t]
+            lines = Path(self.auth_token_file).read_text().splitlines()
+            entries += [t.strip() for t in lines if not t.strip().startswith("#")]
+        entries += [t.strip() for t in os.environ.get("RLHF_AUTH_TOKENS", "").split(",")]
+        out: list[tuple[str, str]] = []
+        for entry in entries:
+            if not entry:
+                continue
+            name, sep, token = entry.partition(":")
+            if not sep:
+                name, token = f"token-{len(out) + 1}", entry
+            name, token = name.strip(), token.strip()
+            if not token or TENANT_NAME.match(name) is None:
+                raise ConfigError(  # the message never shows the token
+                    f"auth token #{len(out) + 1}: expected TOKEN or NAME:TOKEN with NAME of 1-64 "
+                    "letters, digits, '_', '.', '-'",
+                    key="auth_token_file",
+                )
+            out.append((name, token))
+        return out
+
+    def shares(self) -> dict[str, float]:
+        """tenant_shares as numbers (validated)."""
+        return {name: float(w) for name, w in self.tenant_shares.items()}
+
+    def quotas(self) -> dict[str, int]:
+        """tenant_quotas as numbers (validated)."""
+        return {name: int(q) for name, q in self.tenant_quotas.items()}
 
 
 def parse_named(

@@ -120,16 +120,19 @@ class ClientBase:
         tls_key: str | None = None,
         token: str | None = None,
         max_message_mb: int = 64,
+        tenant: str | None = None,
     ) -> None:
         """Connect to ``address``: ``host:port``, ``"h1:p,h2:p"`` (failover between them) or a
         gRPC name such as ``dns:///svc:50051`` (round_robin over what it resolves to). The
         retry parameters are those of `RetryPolicy`; TLS when ``tls_ca`` or ``tls_cert`` is given;
-        ``token`` (default: env ``RLHF_AUTH_TOKEN``) is sent as a bearer token on every call."""
+        ``token`` (default: env ``RLHF_AUTH_TOKEN``) is sent as a bearer token on every call;
+        ``tenant`` as the ``tenant`` metadata key, which names the caller's tenant on a server
+        without auth (with auth the token's name is the tenant and the key is ignored)."""
         self._targets = split_targets(address)
         self.retry_policy = RetryPolicy(
             len(self._targets), timeout, max_retries, backoff_base, backoff_max, budget_seconds
         )
-        self._metadata = bearer_metadata(token)
+        self._metadata = bearer_metadata(token) + ((("tenant", tenant),) if tenant else ())
         creds = credentials(tls_ca, tls_cert, tls_key)
         opts = channel_options(self.retry_policy, max_message_mb)
         mod = self._grpc

@@ -10,6 +10,11 @@ bounded (ResourceExhausted when full). Items whose client has gone or whose dead
 dropped before the forward. The forward runs in an executor (one worker thread per device, or
 ``max_inflight`` of them: forward streams) so the event loop keeps accepting; with several streams
 the batcher forms the next batch while the others run.
+
+Tenants (the callers' identities, `serve/tenants.py`) share the batcher fairly: deficit round
+robin (Shreedhar & Varghese, "Efficient fair queueing using deficit round robin", SIGCOMM 1995)
+over per-tenant queues, counting tokens and weighted by each tenant's share, adapted to batches
+(`_fair_window`). With one tenant queued the batcher works exactly as above.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -27,6 +32,13 @@ from typing import Any, Protocol
 from reward_server.errors import DeadlineExceeded, ResourceExhausted, ServiceError, Unavailable
 
 log = logging.getLogger(__name__)
+DEFAULT_TENANT = "default"
+"""The tenant of requests that name none (auth off and no ``tenant`` metadata)."""
+FAIR_POOL_BATCHES = 2
+"""With several tenants queued, the batch budgets' worth of eligible items a batch is chosen
+from (`DynamicBatcher._fair_window`). More would mean more choice and tighter batches, but once
+the pool nears the tenants' backlogs the batches follow the backlogs, not the shares (8 gave
+1.7:1 for shares 3:1 in `bench tenants`, docs/BENCHMARKS.md)."""
 
 
 class BatchObserver(Protocol):
@@ -38,6 +50,9 @@ class BatchObserver(Protocol):
     def on_queue_time(self, model: str, seconds: float) -> None: ...
     def on_queue_depth(self, model: str, depth: int) -> None: ...
     def on_dropped(self, model: str, reason: str, count: int) -> None: ...
+    def on_tenant_batch(
+        self, model: str, tenant: str, items: int, real_tokens: int, queue_seconds: list[float]
+    ) -> None: ...
 
 
 class _NullObserver:
@@ -45,6 +60,7 @@ class _NullObserver:
     def on_queue_time(self, *a: Any) -> None: ...
     def on_queue_depth(self, *a: Any) -> None: ...
     def on_dropped(self, *a: Any) -> None: ...
+    def on_tenant_batch(self, *a: Any) -> None: ...
 
 
 @dataclass
@@ -55,6 +71,7 @@ class _Pending:
     enqueued: float
     deadline: float | None
     seq: int = field(default=0)
+    tenant: str = DEFAULT_TENANT
 
 
 @dataclass
@@ -136,6 +153,9 @@ class DynamicBatcher:
         observer: BatchObserver | None = None,
         skip_wait_when_idle: bool = True,
         max_inflight: int = 1,
+        tenant_shares: Mapping[str, float] | None = None,
+        tenant_max_queued_items: int = 0,
+        tenant_quotas: Mapping[str, int] | None = None,
     ) -> None:
         self.name = name
         self._run_batch = run_batch
@@ -159,6 +179,15 @@ class DynamicBatcher:
         # a forward's fixed cost in tokens: set by the operator or measured at warm-up
         # (reward_server.engine.calibration); infinite fills the token budget
         self.overhead_tokens = math.inf
+        # tenants (docs/API.md, "Tenants"): share = weight in the deficit round robin (default
+        # 1); a queue quota per tenant (0 = only max_queue_items)
+        self.tenant_shares = dict(tenant_shares or {})
+        self.tenant_max_queued_items = tenant_max_queued_items
+        self.tenant_quotas = dict(tenant_quotas or {})
+        self._queued: dict[str, int] = {}  # items queued per tenant (insertion order: activation)
+        self._deficit: dict[str, float] = {}  # DRR deficit counter per queued tenant, tokens
+        self._anchored: dict[str, int] = {}  # fair batch in which a queued tenant last anchored
+        self._fair_batches = 0
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -184,15 +213,28 @@ class DynamicBatcher:
 
     # ------------------------------------------------------------------ submit
     async def submit(
-        self, payloads: Sequence[Any], lengths: Sequence[int], deadline: float | None = None
+        self,
+        payloads: Sequence[Any],
+        lengths: Sequence[int],
+        deadline: float | None = None,
+        tenant: str = DEFAULT_TENANT,
     ) -> Submitted:
-        """Queue items and wait for their results (in order).
+        """Queue items of `tenant` and wait for their results (in order).
 
         `deadline` is a `time.monotonic()` instant; items still queued then are dropped with
         DeadlineExceeded. If the caller is cancelled (client gone), its items are dropped.
+        A tenant over its queue quota gets ResourceExhausted (other tenants are still served).
         """
         if self._closed:
             raise Unavailable("server is draining for shutdown; retry on another replica")
+        quota = self.tenant_quotas.get(tenant, self.tenant_max_queued_items)
+        mine = self._queued.get(tenant, 0)
+        if quota and mine + len(payloads) > quota:
+            self._obs.on_dropped(self.name, "tenant_quota", len(payloads))
+            raise ResourceExhausted(
+                f"tenant {tenant!r} has {mine} item(s) queued for model {self.name!r}; "
+                f"{len(payloads)} more exceed its quota of {quota}; retry with backoff"
+            )
         if len(self._queue) + len(payloads) > self.max_queue_items:
             self._obs.on_dropped(self.name, "queue_full", len(payloads))
             raise ResourceExhausted(
@@ -208,8 +250,14 @@ class DynamicBatcher:
         for payload, length in zip(payloads, lengths, strict=True):
             fut = loop.create_future()
             self._seq += 1
-            self._queue.append(_Pending(payload, int(length), fut, now, deadline, self._seq))
+            self._queue.append(
+                _Pending(payload, int(length), fut, now, deadline, self._seq, tenant)
+            )
             futures.append(fut)
+        if payloads:
+            if not mine:  # a newly active tenant: its first quantum at once (`_fair_window`)
+                self._deficit[tenant] = max(self._quantum(tenant), float(lengths[0]))
+            self._queued[tenant] = mine + len(payloads)
         self._obs.on_queue_depth(self.name, len(self._queue))
         self._wakeup.set()
         # The deadline is one timer that fails the items' own futures, and the futures are awaited
@@ -258,18 +306,98 @@ class DynamicBatcher:
                 expired += 1
             else:
                 keep.append(p)
+                continue
+            self._dequeued(p.tenant)
         if cancelled:
             self._obs.on_dropped(self.name, "cancelled", cancelled)
         if expired:
             self._obs.on_dropped(self.name, "deadline", expired)
         self._queue = keep
 
+    def _dequeued(self, tenant: str) -> None:
+        """One item of `tenant` left the queue; a tenant with none left is no longer active and
+        its deficit is reset (DRR: an empty queue keeps no credit)."""
+        left = self._queued[tenant] - 1
+        if left:
+            self._queued[tenant] = left
+        else:
+            del self._queued[tenant]
+            self._deficit.pop(tenant, None)
+            self._anchored.pop(tenant, None)
+
+    def _quantum(self, tenant: str) -> float:
+        """Tokens a tenant's deficit gains per DRR round: a quarter of the batch budget times
+        its share (fine-grained: two equal tenants get half a batch each per round)."""
+        return self.max_batch_tokens / 4 * self.tenant_shares.get(tenant, 1.0)
+
     def _window(self) -> list[int]:
+        if len(self._queued) > 1:
+            return self._fair_window()
         lengths = [p.length for p in self._queue]
         anchor = min(range(len(self._queue)), key=lambda i: self._queue[i].seq)
         return plan_window(
             lengths, anchor, self.max_batch_tokens, self.max_batch_items, self.overhead_tokens
         )
+
+    def _fair_window(self) -> list[int]:
+        """The next batch when several tenants have items queued: deficit round robin adapted
+        to batches.
+
+        Each tenant has a deficit counter in tokens. Its oldest items are *eligible* while their
+        total length fits its deficit. When the eligible items of all tenants add up to less than
+        FAIR_POOL_BATCHES batch budgets and some tenant has items that are not eligible, a DRR
+        round adds the quantum (budget / 4 x share) to the deficit of each tenant with items
+        beyond its deficit; a tenant whose queue its deficit already covers gets none and keeps
+        no more credit than its queued tokens (as DRR resets an idle flow's deficit: a tenant
+        asking less than its share cannot bank the rest). A newly active tenant's deficit starts
+        at one quantum, or its first item's length if longer. The batch's anchor is the oldest
+        item of the tenant with eligible items that anchored least recently (one that has just
+        become active first: a light tenant's lone request goes into the next batch); the window
+        around it is filled by length and budget (`plan_window`) from the eligible items of every
+        tenant, and each tenant's deficit pays for the tokens it got. Over a backlog each
+        tenant's tokens follow its share, and every tenant with eligible items anchors a batch at
+        least once in as many batches as there are tenants (no starvation)."""
+        by_tenant: dict[str, list[int]] = {t: [] for t in self._queued}
+        for i in sorted(range(len(self._queue)), key=lambda i: self._queue[i].seq):
+            by_tenant[self._queue[i].tenant].append(i)
+        target = FAIR_POOL_BATCHES * self.max_batch_tokens
+        while True:
+            eligible: dict[str, list[int]] = {}
+            short: set[str] = set()  # tenants with items beyond their deficit
+            total = 0
+            for t, idx in by_tenant.items():
+                budget, n = self._deficit.get(t, 0.0), 0
+                for i in idx:
+                    if self._queue[i].length > budget:
+                        short.add(t)
+                        break
+                    budget -= self._queue[i].length
+                    n += 1
+                if n:
+                    eligible[t] = idx[:n]
+                    total += self._deficit.get(t, 0.0) - budget
+            if (total >= target and eligible) or not short:
+                break
+            for t, idx in by_tenant.items():  # a DRR round
+                if t in short:
+                    self._deficit[t] = self._deficit.get(t, 0.0) + self._quantum(t)
+                else:
+                    queued = sum(self._queue[i].length for i in idx)
+                    self._deficit[t] = min(self._deficit.get(t, 0.0), queued)
+        anchor_tenant = min(eligible, key=lambda t: self._anchored.get(t, -1))
+        self._fair_batches += 1
+        self._anchored[anchor_tenant] = self._fair_batches
+        candidates = [i for idx in eligible.values() for i in idx]
+        anchor = candidates.index(eligible[anchor_tenant][0])
+        lengths = [self._queue[i].length for i in candidates]
+        window = plan_window(
+            lengths, anchor, self.max_batch_tokens, self.max_batch_items, self.overhead_tokens
+        )
+        chosen = [candidates[k] for k in window]
+        for i in chosen:
+            p = self._queue[i]
+            self._deficit[p.tenant] -= p.length
+        return chosen
 
     async def _loop(self) -> None:
         while True:
@@ -308,6 +436,8 @@ class DynamicBatcher:
         chosen = set(window)
         batch = [self._queue[i] for i in sorted(window, key=lambda i: self._queue[i].seq)]
         self._queue = [p for i, p in enumerate(self._queue) if i not in chosen]
+        for p in batch:
+            self._dequeued(p.tenant)
         self._obs.on_queue_depth(self.name, len(self._queue))
         self._inflight += 1
         task = asyncio.get_running_loop().create_task(self._dispatch(batch))
@@ -353,6 +483,22 @@ class DynamicBatcher:
         for p, r in zip(batch, results, strict=True):
             if not p.future.done():
                 p.future.set_result((r, start - p.enqueued, seconds))
+        self._report_tenants(batch, start)
+
+    def _report_tenants(self, batch: list[_Pending], start: float) -> None:
+        """Per tenant of a forwarded batch: items, real tokens, queue times (the observer's
+        per-tenant metrics)."""
+        per: dict[str, list[_Pending]] = {}
+        for p in batch:
+            per.setdefault(p.tenant, []).append(p)
+        for tenant, ps in per.items():
+            self._obs.on_tenant_batch(
+                self.name,
+                tenant,
+                len(ps),
+                sum(p.length for p in ps),
+                [start - p.enqueued for p in ps],
+            )
 
     @staticmethod
     def _fail(batch: list[_Pending], exc: BaseException) -> None:

@@ -21,7 +21,7 @@ import numpy as np
 from reward_server import __version__
 from reward_server.config import ServerConfig
 from reward_server.engine import calibration
-from reward_server.engine.batcher import BatchObserver, DynamicBatcher
+from reward_server.engine.batcher import DEFAULT_TENANT, BatchObserver, DynamicBatcher
 from reward_server.engine.registry import ModelRegistry
 from reward_server.errors import FailedPrecondition, InvalidArgument
 from reward_server.models.prefix import Group, SharingObserver, batch_lengths, tokens_saved
@@ -122,6 +122,9 @@ class Engine:
                 max_batch_tokens=self.max_batch_tokens,
                 max_inflight=self.streams,
                 observer=self.observer,
+                tenant_shares=cfg.shares(),
+                tenant_max_queued_items=cfg.tenant_max_queued_items,
+                tenant_quotas=cfg.quotas(),
                 **settings,
             )
             if self.overhead_tokens is not None:  # set, or CUDA's; else measured at warm-up
@@ -196,9 +199,11 @@ class Engine:
         truncation: str,
         deadline: float | None,
         fingerprint: str = "",
+        tenant: str = DEFAULT_TENANT,
     ) -> tuple[str, list[ScoreResult], Timing]:
         """Score items with a reward model or a combination. Items may carry token ids instead of
-        text (all or none of them), with `fingerprint` the tokenizer's that produced them."""
+        text (all or none of them), with `fingerprint` the tokenizer's that produced them.
+        `tenant` is the caller's (fair scheduling and quotas in the batcher)."""
         t0 = time.monotonic()
         self._check_count(len(items), "items")
         name = self.registry.resolve(model, "reward")
@@ -207,7 +212,7 @@ class Engine:
         if name in self.registry.combinations:
             comb = self.registry.combinations[name]
             parts = await asyncio.gather(
-                *(self._score_one(m, items, truncation, deadline) for m in comb.members)
+                *(self._score_one(m, items, truncation, deadline, tenant) for m in comb.members)
             )
             results = []
             for i in range(len(items)):
@@ -237,12 +242,17 @@ class Engine:
                 }
             )
         else:
-            results, timing = await self._score_one(name, items, truncation, deadline)
+            results, timing = await self._score_one(name, items, truncation, deadline, tenant)
         timing.total = time.monotonic() - t0
         return name, results, timing
 
     async def _score_one(
-        self, name: str, items: list[ScoreInput], truncation: str, deadline: float | None
+        self,
+        name: str,
+        items: list[ScoreInput],
+        truncation: str,
+        deadline: float | None,
+        tenant: str = DEFAULT_TENANT,
     ) -> tuple[list[ScoreResult], Timing]:
         runner = self.registry.rewards[name]
         t0 = time.monotonic()
@@ -261,7 +271,7 @@ class Engine:
             lengths = batch_lengths(ids, [runner.share_limit(s) for s in ids])
         else:
             lengths = [len(s) for s in ids]
-        sub = await self.batchers[name].submit(encoded, lengths, deadline)
+        sub = await self.batchers[name].submit(encoded, lengths, deadline, tenant)
         results = []
         for enc, values in zip(encoded, sub.results, strict=True):
             score = runner.combine(values)
@@ -285,8 +295,9 @@ class Engine:
         temperature: float,
         fingerprint: str,
         deadline: float | None,
+        tenant: str = DEFAULT_TENANT,
     ) -> tuple[str, list[np.ndarray], Timing]:
-        """Per-token log-probs of the response positions of each sequence."""
+        """Per-token log-probs of the response positions of each sequence (for `tenant`)."""
         t0 = time.monotonic()
         self._check_count(len(seqs), "sequences")
         name = self.registry.resolve(model, "reference")
@@ -302,7 +313,7 @@ class Engine:
             s.temperature = temp
         ids = [s.token_ids for s in seqs]
         lengths = batch_lengths(ids) if runner.prefix_sharing else [len(s) for s in ids]
-        sub = await self.batchers[name].submit(seqs, lengths, deadline)
+        sub = await self.batchers[name].submit(seqs, lengths, deadline, tenant)
         return (
             name,
             sub.results,

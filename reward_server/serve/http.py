@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 
 TIMEOUT_HEADER = "X-Request-Timeout"
 """Optional header: the request's deadline in seconds (like a gRPC deadline)."""
+TENANT_HEADER = "X-Tenant"
+"""Optional header naming the tenant when auth is off (gRPC: the ``tenant`` metadata key)."""
 _TRUNCATION = {"": pb.TRUNCATION_UNSPECIFIED, "error": pb.TRUNCATION_ERROR}
 _TRUNCATION |= {"left": pb.TRUNCATION_LEFT, "right": pb.TRUNCATION_RIGHT}
 
@@ -280,6 +282,16 @@ class HttpDoor:
 
         return handler
 
+    def _tenant(self, request: web.Request) -> str | ServiceError:
+        """The request's tenant (the gRPC door's rule, `serve/tenants.py`), or the error that
+        naming it raised (answered by the servicer, counted there)."""
+        try:
+            return self.servicer.tenants.of_headers(
+                request.headers.get("Authorization", ""), request.headers.get(TENANT_HEADER, "")
+            )
+        except ServiceError as exc:
+            return exc
+
     # ------------------------------------------------------------------ routes
     async def _get_reward(self, request: web.Request, body: Any) -> dict:
         # OpenRLHF's remote reward model: the trainer posts {"query", "prompts", "labels"} and
@@ -292,17 +304,22 @@ class HttpDoor:
             )
         except InvalidArgument as exc:
             raise HttpError(exc.code, exc.message) from None
-        resp = await self.servicer.score(req, _deadline(request), "/get_reward")
+        resp = await self.servicer.score(
+            req, _deadline(request), "/get_reward", self._tenant(request)
+        )
         return openrlhf_response(resp)
 
     async def _score(self, request: web.Request, body: Any) -> dict:
         req = _parse(body, pb.ScoreRequest())
-        return _to_dict(await self.servicer.score(req, _deadline(request), "/v1/score"))
+        resp = await self.servicer.score(
+            req, _deadline(request), "/v1/score", self._tenant(request)
+        )
+        return _to_dict(resp)
 
     async def _reference_logprobs(self, request: web.Request, body: Any) -> dict:
         req = _parse(body, pb.ReferenceLogProbsRequest())
         resp = await self.servicer.reference_logprobs(
-            req, _deadline(request), "/v1/reference_logprobs"
+            req, _deadline(request), "/v1/reference_logprobs", self._tenant(request)
         )
         return _to_dict(resp)
 

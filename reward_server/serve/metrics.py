@@ -55,6 +55,22 @@ class ServerMetrics:
         self.prefix_group_size = histogram(
             "prefix_group_size", "Items per shared-prefix group in a forward", "model", _ITEMS
         )
+        # per tenant (docs/API.md, "Tenants"): label values bounded by the token file's names,
+        # or by --max-metadata-tenants (then "other") with auth off
+        self.tenant_requests = counter(
+            "tenant_requests", "RPCs by tenant and status code", "tenant", "code"
+        )
+        self.tenant_items = counter("tenant_items", "Items (or sequences) received", "tenant")
+        self.tenant_tokens = counter(
+            "tenant_tokens", "Tokens forwarded (the batcher's cost)", "model", "tenant"
+        )
+        self.tenant_queue_time = Histogram(
+            "reward_server_tenant_queue_seconds",
+            "Time a tenant's items wait in the queue",
+            ["model", "tenant"],
+            registry=r,
+            buckets=_LAT,
+        )
 
     def serve_http(self, port: int, host: str = "0.0.0.0") -> None:
         """Expose /metrics over HTTP."""
@@ -86,3 +102,11 @@ class ServerMetrics:
 
     def on_dropped(self, model: str, reason: str, count: int) -> None:
         self.dropped.labels(model, reason).inc(count)
+
+    def on_tenant_batch(
+        self, model: str, tenant: str, items: int, real_tokens: int, queue_seconds: list[float]
+    ) -> None:
+        self.tenant_tokens.labels(model, tenant).inc(real_tokens)
+        hist = self.tenant_queue_time.labels(model, tenant)
+        for s in queue_seconds:
+            hist.observe(s)

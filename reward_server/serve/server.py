@@ -20,6 +20,7 @@ from reward_server.serve.auth import HEALTH_METHODS, BearerAuthInterceptor, serv
 from reward_server.serve.http import HttpDoor
 from reward_server.serve.metrics import ServerMetrics
 from reward_server.serve.servicer import RewardServicer, add_to_server
+from reward_server.serve.tenants import TenantResolver
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RewardService"].full_name
@@ -45,7 +46,8 @@ class RewardServer:
         self.cfg = cfg
         self.metrics = ServerMetrics()
         self.engine = Engine(cfg, self.metrics)
-        self.servicer = RewardServicer(self.engine, self.metrics)
+        self.tenants = TenantResolver(cfg.named_auth_tokens(), cfg.max_metadata_tenants)
+        self.servicer = RewardServicer(self.engine, self.metrics, self.tenants)
         self.health = health_aio.HealthServicer()
         self.port = 0
         self._stop = asyncio.Event()

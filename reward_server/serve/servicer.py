@@ -21,6 +21,7 @@ from reward_server.errors import InvalidArgument, ServiceError, Unavailable
 from reward_server.serve import convert
 from reward_server.serve.metrics import ServerMetrics
 from reward_server.serve.status import grpc_code
+from reward_server.serve.tenants import DEFAULT_TENANT, TenantResolver
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -76,6 +77,14 @@ def _items(request: object, field: str) -> int:
     return 0 if isinstance(request, Malformed) else len(getattr(request, field))
 
 
+Tenant = str | ServiceError
+"""A call's tenant, or the error that naming it raised (answered inside `run`)."""
+
+
+def _tenant_name(tenant: Tenant) -> str:
+    return tenant if isinstance(tenant, str) else DEFAULT_TENANT
+
+
 def _deadline(context: grpc.aio.ServicerContext) -> float | None:
     remaining = context.time_remaining()
     return None if remaining is None else time.monotonic() + remaining
@@ -84,9 +93,12 @@ def _deadline(context: grpc.aio.ServicerContext) -> float | None:
 class RewardServicer(pb_grpc.RewardServiceServicer):
     """Implements rlhf.v1.RewardService over an `Engine`."""
 
-    def __init__(self, engine: Engine, metrics: ServerMetrics) -> None:
+    def __init__(
+        self, engine: Engine, metrics: ServerMetrics, tenants: TenantResolver | None = None
+    ) -> None:
         self.engine = engine
         self.metrics = metrics
+        self.tenants = tenants or TenantResolver(())
         self.draining = False
         self.ready = False  # set by the server once models are loaded and warmed up
         self.inflight = 0
@@ -97,9 +109,10 @@ class RewardServicer(pb_grpc.RewardServiceServicer):
         request_id: str,
         n_items: int,
         work: Callable[[str], Awaitable[T]],
+        tenant: str = DEFAULT_TENANT,
     ) -> T:
         """Run one request's `work` as every door does (gRPC and HTTP): refuse it while starting
-        or draining, count it in the metrics under `rpc`, log its failure. Raises the
+        or draining, count it in the metrics under `rpc` and `tenant`, log its failure. Raises the
         `ServiceError` the work raised; any other exception becomes a `ServiceError` (INTERNAL)
         naming the request id. Each door maps the error onto its own status code."""
         rid = request_id or uuid.uuid4().hex[:12]
@@ -108,6 +121,7 @@ class RewardServicer(pb_grpc.RewardServiceServicer):
         self.inflight += 1
         self.metrics.inflight.inc()
         self.metrics.items.labels(rpc).inc(n_items)
+        self.metrics.tenant_items.labels(tenant).inc(n_items)
         try:
             if self.draining:
                 raise Unavailable("server is draining for shutdown; retry on another replica")
@@ -129,6 +143,7 @@ class RewardServicer(pb_grpc.RewardServiceServicer):
             self.inflight -= 1
             self.metrics.inflight.dec()
             self.metrics.requests.labels(rpc, code).inc()
+            self.metrics.tenant_requests.labels(tenant, code).inc()
             self.metrics.request_time.labels(rpc).observe(time.monotonic() - t0)
 
     async def _call(
@@ -138,45 +153,71 @@ class RewardServicer(pb_grpc.RewardServiceServicer):
         request_id: str,
         n_items: int,
         work: Callable[[str], Awaitable[T]],
+        tenant: str = DEFAULT_TENANT,
     ) -> T:
         """`run` with its errors turned into the call's gRPC status."""
         try:
-            return await self.run(rpc, request_id, n_items, work)
+            return await self.run(rpc, request_id, n_items, work, tenant)
         except ServiceError as exc:
             await context.abort(grpc_code(exc), exc.message)
         raise AssertionError("unreachable")  # abort() always raises
 
+    def tenant_of(self, context: grpc.aio.ServicerContext) -> Tenant:
+        """The call's tenant (`TenantResolver.of_metadata`), or the error naming it raised."""
+        try:
+            return self.tenants.of_metadata(context.invocation_metadata())
+        except ServiceError as exc:
+            return exc
+
     async def _score(
-        self, request: pb.ScoreRequest, deadline: float | None, rid: str
+        self,
+        request: pb.ScoreRequest,
+        deadline: float | None,
+        rid: str,
+        tenant: Tenant = DEFAULT_TENANT,
     ) -> pb.ScoreResponse:
         if isinstance(request, Malformed):
             raise request.error
+        if not isinstance(tenant, str):
+            raise tenant
         model, results, timing = await self.engine.score(
             request.model,
             convert.score_inputs(request),
             convert.truncation(request),
             deadline,
             request.tokenizer_fingerprint,
+            tenant,
         )
         self.metrics.tokenize_time.labels(model).observe(timing.tokenize)
         return convert.score_response(model, results, timing, rid)
 
     async def _logprobs(
-        self, request: pb.ReferenceLogProbsRequest, deadline: float | None, rid: str
+        self,
+        request: pb.ReferenceLogProbsRequest,
+        deadline: float | None,
+        rid: str,
+        tenant: Tenant = DEFAULT_TENANT,
     ) -> pb.ReferenceLogProbsResponse:
         if isinstance(request, Malformed):
             raise request.error
+        if not isinstance(tenant, str):
+            raise tenant
         model, arrays, timing = await self.engine.reference_logprobs(
             request.model,
             convert.ref_sequences(request),
             request.temperature,
             request.tokenizer_fingerprint,
             deadline,
+            tenant,
         )
         return convert.logprobs_response(model, arrays, timing, rid)
 
     async def score(
-        self, request: pb.ScoreRequest, deadline: float | None, rpc: str = "Score"
+        self,
+        request: pb.ScoreRequest,
+        deadline: float | None,
+        rpc: str = "Score",
+        tenant: Tenant = DEFAULT_TENANT,
     ) -> pb.ScoreResponse:
         """Score a request (the path of the gRPC `Score` RPC; the HTTP door calls it with its
         route as `rpc`). Raises `ServiceError`."""
@@ -184,7 +225,8 @@ class RewardServicer(pb_grpc.RewardServiceServicer):
             rpc,
             request.request_id,
             len(request.items),
-            lambda rid: self._score(request, deadline, rid),
+            lambda rid: self._score(request, deadline, rid, tenant),
+            _tenant_name(tenant),
         )
 
     async def reference_logprobs(
@@ -192,6 +234,7 @@ class RewardServicer(pb_grpc.RewardServiceServicer):
         request: pb.ReferenceLogProbsRequest,
         deadline: float | None,
         rpc: str = "ReferenceLogProbs",
+        tenant: Tenant = DEFAULT_TENANT,
     ) -> pb.ReferenceLogProbsResponse:
         """Reference log-probs of a request (the path of the gRPC `ReferenceLogProbs` RPC).
         Raises `ServiceError`."""
@@ -199,19 +242,22 @@ class RewardServicer(pb_grpc.RewardServiceServicer):
             rpc,
             request.request_id,
             len(request.sequences),
-            lambda rid: self._logprobs(request, deadline, rid),
+            lambda rid: self._logprobs(request, deadline, rid, tenant),
+            _tenant_name(tenant),
         )
 
     async def Score(
         self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext
     ) -> pb.ScoreResponse:
         deadline = _deadline(context)
+        tenant = self.tenant_of(context)
         return await self._call(
             "Score",
             context,
             request.request_id,
             _items(request, "items"),
-            lambda rid: self._score(request, deadline, rid),
+            lambda rid: self._score(request, deadline, rid, tenant),
+            _tenant_name(tenant),
         )
 
     async def ScoreStream(
@@ -222,6 +268,7 @@ class RewardServicer(pb_grpc.RewardServiceServicer):
         its own `status` and the stream goes on (as Triton's ModelStreamInfer carries
         `error_message`); cancelling the stream drops its queued items."""
         deadline = _deadline(context)
+        tenant = self.tenant_of(context)
         pending: asyncio.Queue = asyncio.Queue(STREAM_WINDOW)
 
         async def one(req: pb.ScoreRequest | Malformed) -> pb.ScoreResponse:
@@ -230,7 +277,8 @@ class RewardServicer(pb_grpc.RewardServiceServicer):
                     "ScoreStream",
                     req.request_id,
                     _items(req, "items"),
-                    lambda rid: self._score(req, deadline, rid),
+                    lambda rid: self._score(req, deadline, rid, tenant),
+                    _tenant_name(tenant),
                 )
             except ServiceError as exc:
                 code = grpc_code(exc)
@@ -264,12 +312,14 @@ class RewardServicer(pb_grpc.RewardServiceServicer):
         self, request: pb.ReferenceLogProbsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ReferenceLogProbsResponse:
         deadline = _deadline(context)
+        tenant = self.tenant_of(context)
         return await self._call(
             "ReferenceLogProbs",
             context,
             request.request_id,
             _items(request, "sequences"),
-            lambda rid: self._logprobs(request, deadline, rid),
+            lambda rid: self._logprobs(request, deadline, rid, tenant),
+            _tenant_name(tenant),
         )
 
     async def GetServerInfo(
@@ -292,4 +342,5 @@ class RewardServicer(pb_grpc.RewardServiceServicer):
                 batch_invariant=cfg.batch_invariant,
             )
 
-        return await self._call("GetServerInfo", context, "", 0, work)
+        tenant = _tenant_name(self.tenant_of(context))
+        return await self._call("GetServerInfo", context, "", 0, work, tenant)

@@ -43,6 +43,8 @@ HAND_WRITTEN = {
     "combinations": "--combination",
     "head_combine": "--head-combine",
     "input_formats": "--input-format",
+    "tenant_shares": "--tenant-share",
+    "tenant_quotas": "--tenant-quota",
 }
 """Serve's mapping fields, set by repeated hand-written ``NAME=VALUE`` flags."""
 
