@@ -159,6 +159,8 @@ class DynamicBatcher:
         # a forward's fixed cost in tokens: set by the operator or measured at warm-up
         # (reward_server.engine.calibration); infinite fills the token budget
         self.overhead_tokens = math.inf
+        # when set, refits overhead_tokens from the forwards run (calibration.OverheadLearner)
+        self.overhead_learner: Any = None
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -342,6 +344,8 @@ class DynamicBatcher:
             return
         seconds = time.monotonic() - start
         self._obs.on_batch(self.name, len(batch), real, padded, seconds)
+        if self.overhead_learner is not None:
+            self.overhead_tokens = self.overhead_learner.observe(padded, seconds)
         if len(results) != len(batch):
             self._fail(
                 batch,

@@ -143,9 +143,11 @@ class Engine:
             if self.overhead_tokens is not None:
                 continue
             overhead = await calibration.measure_overhead_tokens(
-                runner, items, self._worker, self.streams
+                runner, self.max_batch_tokens, cfg.max_batch_items, self._worker, self.streams
             )
             self.batchers[name].overhead_tokens = overhead
+            # refitted from the forwards served from now on (calibration.OverheadLearner)
+            self.batchers[name].overhead_learner = calibration.OverheadLearner(overhead)
             log.info("model %r: a forward's fixed cost is %.0f tokens' worth", name, overhead)
 
     def close(self) -> None:
