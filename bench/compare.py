@@ -31,10 +31,11 @@ from reward_server.engine.calibration import apply_intra_op_threads
 
 TARGETS = (
     "server", "server_ids", "inprocess", "inprocess_tight", "inprocess_b1", "naive", "arrival",
-    "fill", "http", "invariant",
+    "fill", "http", "invariant", "server_stream",
 )  # fmt: skip
-SAME_PROCESS = {"server_ids": "server", "http": "server"}
-"""Targets measured on the `server` process with other requests: token ids, the HTTP door."""
+SAME_PROCESS = {"server_ids": "server", "http": "server", "server_stream": "server"}
+"""Targets measured on the `server` process with other requests or calls: token ids, the HTTP
+door, and the same requests over one ScoreStream per client."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -172,7 +173,7 @@ def run(a: argparse.Namespace) -> dict:
         serve_args += ["--http-port", str(http_port)]
         bodies = http_bodies(requests, a.http_route)
     try:
-        if {"server", "server_ids", "http"} & set(targets):
+        if {"server", "server_ids", "http", "server_stream"} & set(targets):
             servers["server"] = start_reward_server("server", serve_args, logs)
         if "arrival" in targets:
             servers["arrival"] = start_reward_server("arrival", serve_args, logs, variant="arrival")
@@ -237,6 +238,8 @@ def run(a: argparse.Namespace) -> dict:
                         res = load_http(url, a.http_route, bodies[start:] + bodies, **kw)
                     elif target == "server_ids":
                         res = load(sp.address, id_requests[start:] + id_requests, **kw)
+                    elif target == "server_stream":
+                        res = load(sp.address, requests[start:] + requests, stream=True, **kw)
                     else:
                         res = load(sp.address, requests[start:] + requests, **kw)
                     row.update(res.summary())
@@ -360,6 +363,9 @@ def summarize(rows: list[dict]) -> dict:
         ("invariant", "server"),
         ("invariant", "inprocess"),
         ("http", "server"),
+        ("server_stream", "server"),
+        ("server_stream", "inprocess"),
+        ("server_stream", "naive"),
     ]:
         vals = ratio(num, den)
         if vals:
