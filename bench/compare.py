@@ -225,6 +225,7 @@ def run(a: argparse.Namespace) -> dict:
                     def on_window(which: str, sp=sp, snaps=snaps, cpu=cpu) -> None:
                         snaps[which] = sp.metrics()
                         cpu[which] = machine.process_cpu_seconds(sp.proc.pid)
+                        cpu[f"client_{which}"] = machine.process_cpu_seconds(os.getpid())
 
                     start = rng.randrange(len(requests))
                     kw = dict(
@@ -246,6 +247,10 @@ def run(a: argparse.Namespace) -> dict:
                     if res.requests:  # the server process's CPU (all threads) per request
                         row["server_cpu_us_per_request"] = round(
                             (cpu["end"] - cpu["start"]) / res.requests * 1e6, 1
+                        )
+                        # the load generator's process: its clients share the machine
+                        row["client_cpu_us_per_request"] = round(
+                            (cpu["client_end"] - cpu["client_start"]) / res.requests * 1e6, 1
                         )
                     if sp.metrics_port:
                         row["server_metrics"] = metric_delta(
@@ -377,8 +382,8 @@ def markdown(result: dict) -> str:
     """A table of the rows and the ratios."""
     lines = [
         "| repeat | target | real tok/s | client tok/s | items/s | p50 ms | p99 ms | batch items "
-        "| pad eff | queue ms | server CPU us/req | others' cores |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| pad eff | queue ms | server CPU us/req | client CPU us/req | others' cores |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         m = r.get("server_metrics", {})
@@ -390,6 +395,7 @@ def markdown(result: dict) -> str:
             f"{m.get('mean_batch_items', float('nan')):.1f} | {eff:.3f} | "
             f"{m.get('mean_queue_ms', float('nan')):.0f} | "
             f"{r.get('server_cpu_us_per_request', float('nan')):.0f} | "
+            f"{r.get('client_cpu_us_per_request', float('nan')):.0f} | "
             f"{r['load']['others_cores']:.2f} |"
         )
     lines.append("")
