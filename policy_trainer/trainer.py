@@ -46,6 +46,7 @@ from policy_trainer.models import (
     resolve_device,
 )
 from policy_trainer.remote import (
+    VERSIONS_FILE,
     RemoteRewards,
     ServerRejectedError,
     ServerUnavailableError,
@@ -53,6 +54,7 @@ from policy_trainer.remote import (
     decide_score_input,
     describe_server,
     open_client,
+    pin_model_versions,
 )
 from policy_trainer.rollout import RolloutBatch, collect_rollout
 from policy_trainer.run_logging import RunLogger
@@ -109,6 +111,7 @@ class PPOTrainer:
         init_distributed(self.dist, self.device)
         seed_everything(cfg.run.seed)
         ckpt = checkpoint_to_resume(self.run_dir, resume)
+        self.resumed = ckpt is not None
         self.tokenizer = load_tokenizer(cfg.model)
         self.fingerprint = tokenizer_fingerprint(self.tokenizer)
         self.sample_metrics = (
@@ -225,12 +228,17 @@ class PPOTrainer:
         self.client, info = open_client(s)
         check_server(info, s, self.fingerprint)
         log.info(describe_server(info))
+        pins = pin_model_versions(
+            info, s, self.run_dir / VERSIONS_FILE, resume=self.resumed, write=self.dist.is_main
+        )
         self.remote = RemoteRewards(
             self.client,
             s,
             self.cfg.rollout.temperature,
             self.fingerprint if s.check_fingerprint else None,
         )
+        self.remote.score_version = pins.get("reward", "")
+        self.remote.ref_version = pins.get("reference", "")
         self._decide_score_input(info)
 
     def _decide_score_input(self, info: Any) -> None:

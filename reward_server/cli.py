@@ -1,4 +1,4 @@
-"""`reward-server` command line: serve, score, health, info, train, export-onnx."""
+"""`reward-server` command line: serve, score, health, info, reload, train, export-onnx."""
 
 from __future__ import annotations
 
@@ -91,8 +91,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from reward_server.engine.calibration import configure_malloc
 
     configure_malloc()  # before the event loop, gRPC and the worker threads start
+    # SIGHUP re-reads the --config file (and the same flags) to reload changed models
+    reread = (lambda: config_from_args(args)) if args.config else None
     try:
-        return asyncio.run(serve(cfg))
+        return asyncio.run(serve(cfg, reread))
     except (ModelLoadError, ValueError, OSError) as exc:
         logging.getLogger("reward_server").error("cannot start: %s", exc)
         return 2
@@ -144,6 +146,21 @@ def add_client_parsers(sub: Any) -> None:
     i = sub.add_parser("info", help="print GetServerInfo as JSON")
     _add_client_flags(i)
     i.set_defaults(func=cmd_info)
+    r = sub.add_parser(
+        "reload",
+        help="AdminService.ReloadModel: load a new version of a served model without downtime",
+    )
+    _add_client_flags(r)
+    r.set_defaults(timeout=600.0)
+    r.add_argument("--model", required=True, help="the served reward or reference model")
+    r.add_argument(
+        "--source", default="", help="new directory or hub id (default: its current source)"
+    )
+    r.add_argument(
+        "--admin-token-file",
+        help="file holding the admin token (default: --token, else env RLHF_ADMIN_TOKEN)",
+    )
+    r.set_defaults(func=cmd_reload)
 
 
 def cmd_score(args: argparse.Namespace) -> int:
@@ -169,6 +186,38 @@ def cmd_info(args: argparse.Namespace) -> int:
 
     with _client(args) as client:
         print(json.dumps(MessageToDict(client.server_info()), indent=2))
+    return 0
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    """Call AdminService.ReloadModel and print its answer as JSON (exit 1 on an error)."""
+    import os
+    from pathlib import Path
+
+    import grpc
+    from google.protobuf.json_format import MessageToDict
+
+    from reward_server.api.rlhf.v1 import reward_service_pb2 as pb
+    from reward_server.api.rlhf.v1 import reward_service_pb2_grpc as pb_grpc
+    from reward_server.client.channels import credentials
+
+    token = args.token or os.environ.get("RLHF_ADMIN_TOKEN", "")
+    if args.admin_token_file:
+        token = Path(args.admin_token_file).read_text().strip().splitlines()[0].strip()
+    creds = credentials(args.tls_ca, args.tls_cert, args.tls_key)
+    target = args.server.split(",")[0]
+    channel = grpc.secure_channel(target, creds) if creds else grpc.insecure_channel(target)
+    with channel:
+        try:
+            resp = pb_grpc.AdminServiceStub(channel).ReloadModel(
+                pb.ReloadModelRequest(model=args.model, source=args.source),
+                metadata=[("authorization", f"Bearer {token}")] if token else None,
+                timeout=args.timeout,
+            )
+        except grpc.RpcError as exc:
+            print(f"reward-server reload: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+    print(json.dumps(MessageToDict(resp, always_print_fields_with_no_presence=True), indent=2))
     return 0
 
 

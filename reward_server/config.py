@@ -151,6 +151,14 @@ class ServerConfig:
     """Python logging level."""
     log_format: Literal["text", "json"] = "text"
     """text or json (one JSON object per line)."""
+    # ---------------------------------------------------------------- model versions, reload
+    admin_token_file: str = ""
+    """File of admin bearer tokens, one per line (env RLHF_ADMIN_TOKENS adds comma-separated):
+    turns on AdminService (ReloadModel). Off when empty. The scoring tokens are never admin
+    tokens (the server refuses to start when a token is in both)."""
+    reload_transition_s: float = 300.0
+    """After a reload, how long the old version keeps answering requests pinned to it (then
+    they get FAILED_PRECONDITION); 0 = drop it once its in-flight requests finish."""
 
     # ---------------------------------------------------------------- checks
     def validate(self) -> None:
@@ -232,7 +240,11 @@ class ServerConfig:
             not self.tls_client_ca or bool(self.tls_cert),
             "tls_client_ca (mutual TLS) needs tls_cert and tls_key",
         )
-        for key in ("tls_cert", "tls_key", "tls_client_ca", "auth_token_file"):
+        require(
+            math.isfinite(self.reload_transition_s) and self.reload_transition_s >= 0,
+            "reload_transition_s must be >= 0",
+        )
+        for key in ("tls_cert", "tls_key", "tls_client_ca", "auth_token_file", "admin_token_file"):
             val = getattr(self, key)
             require(not val or os.path.isfile(val), f"{key}: file {val!r} does not exist")
         if self.backend == "onnx":
@@ -278,6 +290,22 @@ class ServerConfig:
             tokens += [t.strip() for t in Path(self.auth_token_file).read_text().splitlines()]
         tokens += os.environ.get("RLHF_AUTH_TOKENS", "").split(",")
         return [t for t in tokens if t]
+
+    def admin_tokens(self) -> list[str]:
+        """Admin bearer tokens from admin_token_file and RLHF_ADMIN_TOKENS (never logged);
+        ConfigError when one of them is also a scoring token."""
+        tokens: list[str] = []
+        if self.admin_token_file:
+            tokens += [t.strip() for t in Path(self.admin_token_file).read_text().splitlines()]
+        tokens += os.environ.get("RLHF_ADMIN_TOKENS", "").split(",")
+        tokens = [t for t in tokens if t]
+        if set(tokens) & set(self.auth_tokens()):
+            raise ConfigError(
+                "admin_token_file: a token is both an admin and a scoring token; admin tokens "
+                "must differ from the scoring tokens",
+                key="admin_token_file",
+            )
+        return tokens
 
 
 def parse_named(

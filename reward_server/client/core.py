@@ -168,9 +168,13 @@ class Api:
         model: str = "",
         truncation: str = "",
         timeout: float | None = None,
+        model_version: str = "",
     ) -> Steps[list[ScoreResult]]:
-        """Score (prompt, completion) pairs (or dicts); results in input order."""
-        return (yield from _score(self, score_items(pairs), model, truncation, timeout))
+        """Score (prompt, completion) pairs (or dicts); results in input order, each with the
+        `model_version` that answered. `model_version` pins the version: another one is
+        FAILED_PRECONDITION naming both."""
+        items = score_items(pairs)
+        return (yield from _score(self, items, model, truncation, timeout, "", model_version))
 
     def score_messages(
         self,
@@ -179,9 +183,12 @@ class Api:
         model: str = "",
         truncation: str = "",
         timeout: float | None = None,
+        model_version: str = "",
     ) -> Steps[list[ScoreResult]]:
-        """Score chat conversations rendered with the reward model's chat template."""
-        return (yield from _score(self, message_items(conversations), model, truncation, timeout))
+        """Score chat conversations rendered with the reward model's chat template
+        (`model_version`: an optional pin, as in `score`)."""
+        items = message_items(conversations)
+        return (yield from _score(self, items, model, truncation, timeout, "", model_version))
 
     def score_ids(
         self,
@@ -191,15 +198,21 @@ class Api:
         model: str = "",
         truncation: str = "",
         timeout: float | None = None,
+        model_version: str = "",
     ) -> Steps[list[ScoreResult]]:
         """Score token id sequences exactly as given (no decode, no re-tokenisation, no
         template; truncation still applies); `tokenizer_fingerprint` is that of the tokenizer
         that produced them (`reward_server.fingerprint`) and must be the reward model's
-        (FAILED_PRECONDITION otherwise). Results in input order."""
+        (FAILED_PRECONDITION otherwise). Results in input order (`model_version`: an optional
+        pin, as in `score`)."""
         if not tokenizer_fingerprint:
             raise ValueError("score_ids needs the tokenizer_fingerprint of the ids' tokenizer")
         items = id_items(token_ids)
-        return (yield from _score(self, items, model, truncation, timeout, tokenizer_fingerprint))
+        return (
+            yield from _score(
+                self, items, model, truncation, timeout, tokenizer_fingerprint, model_version
+            )
+        )
 
     def reference_logprobs(
         self,
@@ -210,13 +223,22 @@ class Api:
         model: str = "",
         tokenizer_fingerprint: str | None = None,
         timeout: float | None = None,
+        model_version: str = "",
     ) -> Steps[list[np.ndarray]]:
-        """Per-token reference log-probs of positions response_start..len-1 (float32 arrays)."""
+        """Per-token reference log-probs of positions response_start..len-1 (float32 arrays).
+        `model_version` pins the reference model's version (FAILED_PRECONDITION naming both
+        when the server answers with another); `server_info()` lists the versions served."""
         if not token_ids:
             return []
         size = yield from _max_items(self)
         reqs = ref_requests(
-            token_ids, response_starts, temperature, model, tokenizer_fingerprint, size
+            token_ids,
+            response_starts,
+            temperature,
+            model,
+            tokenizer_fingerprint,
+            size,
+            model_version,
         )
         return parse_logprobs((yield from _call(self, "ReferenceLogProbs", reqs, timeout)))
 
@@ -274,11 +296,12 @@ def _score(
     truncation: str,
     timeout: float | None,
     fingerprint: str = "",
+    model_version: str = "",
 ) -> Steps[list[ScoreResult]]:
     if not items:
         return []
     size = yield from _max_items(client)
-    reqs = score_requests(items, model, truncation, size, fingerprint)
+    reqs = score_requests(items, model, truncation, size, fingerprint, model_version)
     return parse_scores((yield from _call(client, "Score", reqs, timeout)))
 
 

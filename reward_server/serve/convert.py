@@ -74,10 +74,16 @@ def timing_pb(t: Timing) -> pb.Timing:
 
 
 def score_response(
-    model: str, results: Sequence[ScoreResult], t: Timing, request_id: str
+    model: str,
+    results: Sequence[ScoreResult],
+    t: Timing,
+    request_id: str,
+    model_version: str = "",
 ) -> pb.ScoreResponse:
-    """Internal results -> ScoreResponse."""
-    resp = pb.ScoreResponse(model=model, timing=timing_pb(t), request_id=request_id)
+    """Internal results -> ScoreResponse (`model_version`: the version that answered)."""
+    resp = pb.ScoreResponse(
+        model=model, timing=timing_pb(t), request_id=request_id, model_version=model_version
+    )
     for r in results:
         s = resp.scores.add(score=r.score, num_tokens=r.num_tokens, truncated=r.truncated)
         s.head_scores.update(r.head_scores)
@@ -93,11 +99,17 @@ def ref_sequences(request: pb.ReferenceLogProbsRequest) -> list[RefSequence]:
 
 
 def logprobs_response(
-    model: str, arrays: Sequence[np.ndarray], t: Timing, request_id: str
+    model: str,
+    arrays: Sequence[np.ndarray],
+    t: Timing,
+    request_id: str,
+    model_version: str = "",
 ) -> pb.ReferenceLogProbsResponse:
-    """Arrays of log-probs -> ReferenceLogProbsResponse."""
+    """Arrays of log-probs -> ReferenceLogProbsResponse (`model_version`: the version that
+    answered)."""
     return pb.ReferenceLogProbsResponse(
         model=model,
+        model_version=model_version,
         # tolist() first: protobuf copies a list 3-4x faster than it iterates an ndarray
         # (64 x 512 floats: 2 ms instead of 7 ms; docs/BENCHMARKS.md)
         results=[pb.SequenceLogProbs(logprobs=a.tolist()) for a in arrays],
@@ -110,7 +122,7 @@ def logprobs_response(
 _MODEL_INFO_SAME = (
     "name", "heads", "dtype", "backend", "device", "max_input_tokens", "is_default",
     "vocab_size", "source", "has_chat_template", "has_normalization", "combine", "quantization",
-    "input_format",
+    "input_format", "model_version",
 )  # fmt: skip
 
 

@@ -51,10 +51,13 @@ def tolerant(cls: type) -> Callable[[bytes], object]:
     return parse
 
 
-def add_to_server(servicer: RewardServicer, server: grpc.aio.Server) -> None:
-    """`add_RewardServiceServicer_to_server` with tolerant request deserializers, every RPC of
-    the service descriptor (a new RPC needs no change here)."""
-    desc = pb.DESCRIPTOR.services_by_name["RewardService"]
+def add_to_server(
+    servicer: object, server: grpc.aio.Server, service_name: str = "RewardService"
+) -> None:
+    """`add_RewardServiceServicer_to_server` (or another service's, by `service_name`) with
+    tolerant request deserializers, every RPC of the service descriptor (a new RPC needs no
+    change here)."""
+    desc = pb.DESCRIPTOR.services_by_name[service_name]
     kinds = {
         (False, False): grpc.unary_unary_rpc_method_handler,
         (True, True): grpc.stream_stream_rpc_method_handler,
@@ -151,29 +154,31 @@ class RewardServicer(pb_grpc.RewardServiceServicer):
     ) -> pb.ScoreResponse:
         if isinstance(request, Malformed):
             raise request.error
-        model, results, timing = await self.engine.score(
+        model, results, timing, version = await self.engine.score(
             request.model,
             convert.score_inputs(request),
             convert.truncation(request),
             deadline,
             request.tokenizer_fingerprint,
+            request.model_version,
         )
         self.metrics.tokenize_time.labels(model).observe(timing.tokenize)
-        return convert.score_response(model, results, timing, rid)
+        return convert.score_response(model, results, timing, rid, version)
 
     async def _logprobs(
         self, request: pb.ReferenceLogProbsRequest, deadline: float | None, rid: str
     ) -> pb.ReferenceLogProbsResponse:
         if isinstance(request, Malformed):
             raise request.error
-        model, arrays, timing = await self.engine.reference_logprobs(
+        model, arrays, timing, version = await self.engine.reference_logprobs(
             request.model,
             convert.ref_sequences(request),
             request.temperature,
             request.tokenizer_fingerprint,
             deadline,
+            request.model_version,
         )
-        return convert.logprobs_response(model, arrays, timing, rid)
+        return convert.logprobs_response(model, arrays, timing, rid, version)
 
     async def score(
         self, request: pb.ScoreRequest, deadline: float | None, rpc: str = "Score"
@@ -293,3 +298,61 @@ class RewardServicer(pb_grpc.RewardServiceServicer):
             )
 
         return await self._call("GetServerInfo", context, "", 0, work)
+
+
+class AdminServicer:
+    """Implements rlhf.v1.AdminService (registered only when the server has admin tokens).
+
+    Every call needs ``authorization: Bearer <admin token>``; the scoring tokens' interceptor
+    lets this service's calls through to here (`ADMIN_METHODS`), and a scoring token (or any
+    other) is PERMISSION_DENIED, a missing one UNAUTHENTICATED."""
+
+    def __init__(self, engine: Engine, reward: RewardServicer, admin_tokens: list[str]) -> None:
+        self.engine = engine
+        self.reward = reward
+        self._tokens = [t.encode() for t in admin_tokens]
+
+    async def _authorize(self, context: grpc.aio.ServicerContext) -> None:
+        from reward_server.serve.auth import token_matches
+
+        auth = ""
+        for key, value in context.invocation_metadata() or ():
+            if key == "authorization":
+                auth = value if isinstance(value, str) else value.decode()
+        if not auth:
+            await context.abort(
+                grpc.StatusCode.UNAUTHENTICATED,
+                "AdminService needs metadata 'authorization: Bearer <admin token>'",
+            )
+        token = auth[len("Bearer ") :] if auth.startswith("Bearer ") else ""
+        if not token_matches(token, self._tokens):
+            log.warning("refused an AdminService call: not an admin token")
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                "not an admin token (scoring tokens are never accepted by AdminService)",
+            )
+
+    async def ReloadModel(
+        self, request: pb.ReloadModelRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ReloadModelResponse:
+        await self._authorize(context)
+
+        async def work(rid: str) -> pb.ReloadModelResponse:
+            if isinstance(request, Malformed):
+                raise request.error
+            if not request.model:
+                raise InvalidArgument("ReloadModel needs `model`: the served model to reload")
+            r = await self.engine.reload(request.model, request.source)
+            return pb.ReloadModelResponse(
+                model=r.model,
+                old_version=r.old_version,
+                new_version=r.new_version,
+                status=r.status,
+                source=r.source,
+                load_seconds=r.load_seconds,
+                transition_seconds=r.transition_seconds,
+            )
+
+        return await self.reward._call(
+            "ReloadModel", context, getattr(request, "request_id", ""), 0, work
+        )

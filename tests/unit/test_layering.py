@@ -151,6 +151,7 @@ SHARED = (
     "reward_server.config",
     "reward_server.errors",
     "reward_server.fingerprint",
+    "reward_server.model_version",
     "reward_server.score_result",
     "reward_server.devices",
     "reward_server.tokenizer_loading",
