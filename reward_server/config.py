@@ -151,6 +151,17 @@ class ServerConfig:
     """Python logging level."""
     log_format: Literal["text", "json"] = "text"
     """text or json (one JSON object per line)."""
+    telemetry: bool = True
+    """Reward-hacking telemetry: per reward model and tenant, a sliding window of the scores
+    (distribution, score-length correlation, member rank correlation, drift from the first
+    window) for GetStats, ``reward-server info --stats`` and /metrics (docs/DEPLOY.md)."""
+    telemetry_window_items: int = 1000
+    """Telemetry window: the last this many scored items per model and tenant."""
+    telemetry_window_seconds: float = 0.0
+    """Telemetry window: only the items of the last this many seconds (0 = no time limit)."""
+    telemetry_max_tenants: int = 16
+    """Distinct tenants with their own telemetry windows and metric labels; later ones share
+    the tenant ``_other`` (bounded label cardinality)."""
 
     # ---------------------------------------------------------------- checks
     def validate(self) -> None:
@@ -232,6 +243,12 @@ class ServerConfig:
             not self.tls_client_ca or bool(self.tls_cert),
             "tls_client_ca (mutual TLS) needs tls_cert and tls_key",
         )
+        require(self.telemetry_window_items >= 2, "telemetry_window_items must be >= 2")
+        require(
+            math.isfinite(self.telemetry_window_seconds) and self.telemetry_window_seconds >= 0,
+            "telemetry_window_seconds must be >= 0 (0 = no time limit)",
+        )
+        require(self.telemetry_max_tenants >= 1, "telemetry_max_tenants must be >= 1")
         for key in ("tls_cert", "tls_key", "tls_client_ca", "auth_token_file"):
             val = getattr(self, key)
             require(not val or os.path.isfile(val), f"{key}: file {val!r} does not exist")
