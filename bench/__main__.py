@@ -20,6 +20,7 @@ COMMANDS = {
     "soak": ("bench.soak", "hours of mixed and hostile traffic: server RSS and descriptors"),
     "fuzz": ("bench.fuzz", "random and hostile input on every RPC: counts by status code"),
     "profile": ("bench.profile", "py-spy: where the server's time goes, by thread and job"),
+    "telemetry": ("bench.telemetry", "reward-hacking telemetry: its cost per item on Score"),
     "trainer": (
         "bench.trainer_rpc",
         "PPO iteration time blocked on RPCs, overlap modes side by side",

@@ -106,6 +106,10 @@ class RemoteRewards:
         self.wait_seconds = 0.0
         self._lock = threading.Lock()
         self.failed_items = 0
+        self.members: tuple[str, ...] = ()
+        """The reward combination's members, when it is one: each scored item's member scores
+        (its ``head_scores``) are kept for the run's telemetry (`pop_member_scores`)."""
+        self._member_rows: list[tuple[float, ...]] = []
 
     # ------------------------------------------------------------------ public
     def submit(
@@ -145,6 +149,13 @@ class RemoteRewards:
         finally:
             self.wait_seconds += time.perf_counter() - t0
         return scores, refs
+
+    def pop_member_scores(self) -> list[tuple[float, ...]]:
+        """The member scores of the items scored since the last call (one tuple per item, in
+        the order of `members`; empty unless `members` is set)."""
+        with self._lock:
+            rows, self._member_rows = self._member_rows, []
+        return rows
 
     def pop_wait_seconds(self) -> float:
         """Blocked time since the last call."""
@@ -228,6 +239,8 @@ class RemoteRewards:
             (chat, [items[i] for i in chat], self.client.score_messages),
             (as_ids, [reward_ids[i] for i in as_ids] if as_ids else [], self._score_ids),
         ]
+        members = self.members
+        rows: list[tuple[float, ...]] = []
         for idx, sub, method in calls:
             if not idx:
                 continue
@@ -243,6 +256,11 @@ class RemoteRewards:
                     continue
                 value = res.normalized_score if self.cfg.use_normalized_score else res.score
                 scores[i] = np.nan if value is None else value
+                if members:
+                    rows.append(tuple(res.head_scores.get(m, np.nan) for m in members))
+        if rows:
+            with self._lock:
+                self._member_rows.extend(rows)
         return scores
 
     def _ref_logprobs(
@@ -352,6 +370,18 @@ def reward_members(info: Any, name: str) -> list[Any]:
     if m.role != pb.MODEL_ROLE_REWARD_COMBINATION:
         return [m]
     return [by_name[h] for h in m.heads if h in by_name]
+
+
+def combination_members(info: Any, cfg: RewardServiceConfig) -> tuple[str, ...]:
+    """The member names of the run's reward model when it is a combination, else ()."""
+    from reward_server.api.rlhf.v1 import reward_service_pb2 as pb
+
+    name = cfg.reward_model or info.default_reward_model
+    by_name = {m.name: m for m in info.models}
+    m = by_name.get(name)
+    if m is None or m.role != pb.MODEL_ROLE_REWARD_COMBINATION:
+        return ()
+    return tuple(m.heads)
 
 
 def reward_fingerprint(info: Any, name: str) -> str:

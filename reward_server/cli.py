@@ -143,8 +143,19 @@ def add_client_parsers(sub: Any) -> None:
     _add_client_flags(h)
     h.add_argument("--service", default="", help="service name to check ('' = the whole server)")
     h.set_defaults(func=cmd_health)
-    i = sub.add_parser("info", help="print GetServerInfo as JSON")
+    i = sub.add_parser(
+        "info", help="print GetServerInfo as JSON, or with --stats the reward-hacking telemetry"
+    )
     _add_client_flags(i)
+    i.add_argument(
+        "--stats",
+        action="store_true",
+        help="print GetStats (per model and tenant: score mean/std, drift from the first "
+        "window, score-length correlation, member rank correlation) as a table",
+    )
+    i.add_argument("--json", action="store_true", help="with --stats: print JSON, not a table")
+    i.add_argument("--model", default="", help="with --stats: only this model's windows")
+    i.add_argument("--tenant", default="", help="with --stats: only this tenant's windows")
     i.set_defaults(func=cmd_info)
     r = sub.add_parser(
         "reload",
@@ -185,7 +196,14 @@ def cmd_info(args: argparse.Namespace) -> int:
     from google.protobuf.json_format import MessageToDict
 
     with _client(args) as client:
-        print(json.dumps(MessageToDict(client.server_info()), indent=2))
+        if not args.stats:
+            print(json.dumps(MessageToDict(client.server_info()), indent=2))
+            return 0
+        resp = client.stats(model=args.model, tenant=args.tenant)
+    if args.json:
+        print(json.dumps(MessageToDict(resp, always_print_fields_with_no_presence=True), indent=2))
+    else:
+        print(stats_table(resp))
     return 0
 
 
@@ -219,6 +237,54 @@ def cmd_reload(args: argparse.Namespace) -> int:
             return 1
     print(json.dumps(MessageToDict(resp, always_print_fields_with_no_presence=True), indent=2))
     return 0
+
+
+STATS_COLUMNS = (
+    ("model", "model", "s"),
+    ("tenant", "tenant", "s"),
+    ("items", "window_items", "d"),
+    ("total", "total_items", "d"),
+    ("mean", "score_mean", ".3f"),
+    ("std", "score_std", ".3f"),
+    ("drift_sigma", "drift_sigma", "+.2f"),
+    ("len_mean", "length_mean", ".1f"),
+    ("len_corr", "length_correlation", "+.3f"),
+    ("member_rho", "", ".3f"),
+)
+"""The columns of `stats_table`: (header, ScoreWindowStats field, format)."""
+
+
+def stats_table(resp: Any) -> str:
+    """GetStatsResponse as a text table, one row per (model, tenant) window; member_rho is the
+    lowest Spearman correlation between two members of a combination; '-' = undefined."""
+    import math
+
+    if not resp.enabled:
+        return "telemetry is off on this server (--no-telemetry)"
+    rows = [[h for h, _, _ in STATS_COLUMNS]]
+    for w in resp.windows:
+        row = []
+        for _, key, fmt in STATS_COLUMNS:
+            if key:
+                value = getattr(w, key)
+            else:
+                rhos = [m.spearman for m in w.member_rank_correlations]
+                value = min(rhos) if rhos else math.nan
+            bad = isinstance(value, float) and not math.isfinite(value)
+            row.append("-" if bad else format(value, fmt))
+        rows.append(row)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(STATS_COLUMNS))]
+    lines = [
+        "  ".join(
+            c.rjust(w) if i > 1 else c.ljust(w)
+            for i, (c, w) in enumerate(zip(r, widths, strict=True))
+        )
+        for r in rows
+    ]
+    window = f"window: last {resp.window_max_items} items"
+    if resp.window_max_seconds:
+        window += f" within {resp.window_max_seconds:g} s"
+    return "\n".join([*lines, window + f"; tenants tracked: {resp.max_tenants}"])
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -159,6 +159,17 @@ class ServerConfig:
     reload_transition_s: float = 300.0
     """After a reload, how long the old version keeps answering requests pinned to it (then
     they get FAILED_PRECONDITION); 0 = drop it once its in-flight requests finish."""
+    telemetry: bool = True
+    """Reward-hacking telemetry: per reward model and tenant, a sliding window of the scores
+    (distribution, score-length correlation, member rank correlation, drift from the first
+    window) for GetStats, ``reward-server info --stats`` and /metrics (docs/DEPLOY.md)."""
+    telemetry_window_items: int = 1000
+    """Telemetry window: the last this many scored items per model and tenant."""
+    telemetry_window_seconds: float = 0.0
+    """Telemetry window: only the items of the last this many seconds (0 = no time limit)."""
+    telemetry_max_tenants: int = 16
+    """Distinct tenants with their own telemetry windows and metric labels; later ones share
+    the tenant ``_other`` (bounded label cardinality)."""
 
     # ---------------------------------------------------------------- checks
     def validate(self) -> None:
@@ -244,6 +255,12 @@ class ServerConfig:
             math.isfinite(self.reload_transition_s) and self.reload_transition_s >= 0,
             "reload_transition_s must be >= 0",
         )
+        require(self.telemetry_window_items >= 2, "telemetry_window_items must be >= 2")
+        require(
+            math.isfinite(self.telemetry_window_seconds) and self.telemetry_window_seconds >= 0,
+            "telemetry_window_seconds must be >= 0 (0 = no time limit)",
+        )
+        require(self.telemetry_max_tenants >= 1, "telemetry_max_tenants must be >= 1")
         for key in ("tls_cert", "tls_key", "tls_client_ca", "auth_token_file", "admin_token_file"):
             val = getattr(self, key)
             require(not val or os.path.isfile(val), f"{key}: file {val!r} does not exist")

@@ -88,7 +88,7 @@ class AsyncRewardClient(core.ClientBase):
         return core.status_name(resp)
 
 
-# The public methods (score, score_messages, score_ids, reference_logprobs, server_info, health,
+# The public methods (score, score_messages, score_ids, reference_logprobs, server_info, stats, health,
 # wait_until_ready), derived from the core's one definition of each.
 for _name, _method in core.face_methods(blocking=False).items():
     setattr(AsyncRewardClient, _name, _method)

@@ -246,6 +246,16 @@ class Api:
         """Models, roles, limits, fingerprints."""
         return (yield from _server_info(self, timeout, True))
 
+    def stats(
+        self, *, model: str = "", tenant: str = "", timeout: float | None = None
+    ) -> Steps[pb.GetStatsResponse]:
+        """The server's reward-hacking telemetry (GetStats): per reward model and tenant, the
+        figures of its sliding window of scores; ``model`` / ``tenant`` filter them."""
+        (resp,) = yield from _call(
+            self, "GetStats", [pb.GetStatsRequest(model=model, tenant=tenant)], timeout
+        )
+        return resp
+
     def health(self, service: str = "", timeout: float = 5.0) -> Steps[str]:
         """SERVING when every address says SERVING; otherwise the first other answer: its
         status name (NOT_SERVING) or its error code's name (UNAVAILABLE, UNAUTHENTICATED)."""
@@ -283,6 +293,7 @@ API = (
     "score_ids",
     "reference_logprobs",
     "server_info",
+    "stats",
     "health",
     "wait_until_ready",
 )

@@ -12,6 +12,7 @@ from reward_server.engine.registry import ModelDescription
 from reward_server.models.reference import RefSequence
 from reward_server.models.reward import ScoreInput
 from reward_server.score_result import ScoreResult
+from reward_server.serve.telemetry import WindowStats
 
 TRUNCATION_FROM_PB = {
     pb.TRUNCATION_UNSPECIFIED: "",
@@ -130,3 +131,45 @@ def model_info(d: ModelDescription) -> pb.ModelInfo:
     """ModelDescription -> ModelInfo."""
     same = {key: getattr(d, key) for key in _MODEL_INFO_SAME}
     return pb.ModelInfo(role=ROLE_TO_PB[d.role], tokenizer_fingerprint=d.fingerprint, **same)
+
+
+def stats_response(
+    windows: Sequence[WindowStats],
+    *,
+    enabled: bool,
+    max_items: int,
+    max_seconds: float,
+    max_tenants: int,
+) -> pb.GetStatsResponse:
+    """Telemetry windows -> GetStatsResponse."""
+    resp = pb.GetStatsResponse(
+        window_max_items=max_items,
+        window_max_seconds=max_seconds,
+        max_tenants=max_tenants,
+        enabled=enabled,
+    )
+    for w in windows:
+        st = w.stats
+        resp.windows.add(
+            model=w.model,
+            tenant=w.tenant,
+            window_items=st.items,
+            total_items=w.total_items,
+            span_seconds=w.span_seconds,
+            score_mean=st.mean,
+            score_std=st.std,
+            score_min=st.minimum,
+            score_max=st.maximum,
+            length_mean=st.length_mean,
+            length_correlation=st.length_correlation,
+            baseline_mean=w.baseline_mean,
+            baseline_std=w.baseline_std,
+            drift_sigma=w.drift_sigma,
+            histogram_edges=st.histogram_edges,
+            histogram_counts=st.histogram_counts,
+            member_rank_correlations=[
+                pb.MemberRankStats(member_a=a, member_b=b, spearman=rho)
+                for (a, b), rho in st.member_rank_correlations.items()
+            ],
+        )
+    return resp

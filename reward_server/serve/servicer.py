@@ -18,9 +18,11 @@ from reward_server.api.rlhf.v1 import reward_service_pb2 as pb
 from reward_server.api.rlhf.v1 import reward_service_pb2_grpc as pb_grpc
 from reward_server.engine.engine import Engine
 from reward_server.errors import InvalidArgument, ServiceError, Unavailable
+from reward_server.score_result import ScoreResult
 from reward_server.serve import convert
 from reward_server.serve.metrics import ServerMetrics
 from reward_server.serve.status import grpc_code
+from reward_server.serve.telemetry import DEFAULT_TENANT, Telemetry, tenant_of
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -93,6 +95,15 @@ class RewardServicer(pb_grpc.RewardServiceServicer):
         self.draining = False
         self.ready = False  # set by the server once models are loaded and warmed up
         self.inflight = 0
+        cfg = engine.config
+        self.telemetry: Telemetry | None = None
+        if cfg.telemetry:
+            self.telemetry = Telemetry(
+                cfg.telemetry_window_items,
+                cfg.telemetry_window_seconds,
+                cfg.telemetry_max_tenants,
+            )
+            metrics.add_telemetry(self.telemetry)
 
     async def run(
         self,
@@ -150,7 +161,11 @@ class RewardServicer(pb_grpc.RewardServiceServicer):
         raise AssertionError("unreachable")  # abort() always raises
 
     async def _score(
-        self, request: pb.ScoreRequest, deadline: float | None, rid: str
+        self,
+        request: pb.ScoreRequest,
+        deadline: float | None,
+        rid: str,
+        tenant: str = DEFAULT_TENANT,
     ) -> pb.ScoreResponse:
         if isinstance(request, Malformed):
             raise request.error
@@ -163,7 +178,19 @@ class RewardServicer(pb_grpc.RewardServiceServicer):
             request.model_version,
         )
         self.metrics.tokenize_time.labels(model).observe(timing.tokenize)
+        self._observe(model, tenant, results)
         return convert.score_response(model, results, timing, rid, version)
+
+    def _observe(self, model: str, tenant: str, results: list[ScoreResult]) -> None:
+        """The telemetry of an answered Score request (`serve.telemetry`: O(1) per item). A
+        failure here is logged, never the request's: its scores are already computed."""
+        if self.telemetry is None:
+            return
+        comb = self.engine.registry.combinations.get(model)
+        try:
+            self.telemetry.observe(model, tenant, results, comb.members if comb else ())
+        except Exception:  # noqa: BLE001 - telemetry must not fail a Score
+            log.exception("telemetry of a %s request failed", model)
 
     async def _logprobs(
         self, request: pb.ReferenceLogProbsRequest, deadline: float | None, rid: str
@@ -211,12 +238,13 @@ class RewardServicer(pb_grpc.RewardServiceServicer):
         self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext
     ) -> pb.ScoreResponse:
         deadline = _deadline(context)
+        tenant = tenant_of(context)
         return await self._call(
             "Score",
             context,
             request.request_id,
             _items(request, "items"),
-            lambda rid: self._score(request, deadline, rid),
+            lambda rid: self._score(request, deadline, rid, tenant),
         )
 
     async def ScoreStream(
@@ -227,6 +255,7 @@ class RewardServicer(pb_grpc.RewardServiceServicer):
         its own `status` and the stream goes on (as Triton's ModelStreamInfer carries
         `error_message`); cancelling the stream drops its queued items."""
         deadline = _deadline(context)
+        tenant = tenant_of(context)
         pending: asyncio.Queue = asyncio.Queue(STREAM_WINDOW)
 
         async def one(req: pb.ScoreRequest | Malformed) -> pb.ScoreResponse:
@@ -235,7 +264,7 @@ class RewardServicer(pb_grpc.RewardServiceServicer):
                     "ScoreStream",
                     req.request_id,
                     _items(req, "items"),
-                    lambda rid: self._score(req, deadline, rid),
+                    lambda rid: self._score(req, deadline, rid, tenant),
                 )
             except ServiceError as exc:
                 code = grpc_code(exc)
@@ -298,6 +327,28 @@ class RewardServicer(pb_grpc.RewardServiceServicer):
             )
 
         return await self._call("GetServerInfo", context, "", 0, work)
+
+    async def GetStats(
+        self, request: pb.GetStatsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetStatsResponse:
+        """The reward-hacking telemetry windows (`serve.telemetry`)."""
+
+        async def work(rid: str) -> pb.GetStatsResponse:
+            if isinstance(request, Malformed):
+                raise request.error
+            cfg = self.engine.config
+            windows = []
+            if self.telemetry is not None:
+                windows = self.telemetry.stats(request.model, request.tenant)
+            return convert.stats_response(
+                windows,
+                enabled=self.telemetry is not None,
+                max_items=cfg.telemetry_window_items,
+                max_seconds=cfg.telemetry_window_seconds,
+                max_tenants=cfg.telemetry_max_tenants,
+            )
+
+        return await self._call("GetStats", context, "", 0, work)
 
 
 class AdminServicer:

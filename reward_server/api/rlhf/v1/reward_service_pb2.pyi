@@ -265,3 +265,73 @@ class ReloadModelResponse(_message.Message):
     load_seconds: float
     transition_seconds: float
     def __init__(self, model: _Optional[str] = ..., old_version: _Optional[str] = ..., new_version: _Optional[str] = ..., status: _Optional[str] = ..., source: _Optional[str] = ..., load_seconds: _Optional[float] = ..., transition_seconds: _Optional[float] = ...) -> None: ...
+
+class GetStatsRequest(_message.Message):
+    __slots__ = ("model", "tenant")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    tenant: str
+    def __init__(self, model: _Optional[str] = ..., tenant: _Optional[str] = ...) -> None: ...
+
+class MemberRankStats(_message.Message):
+    __slots__ = ("member_a", "member_b", "spearman")
+    MEMBER_A_FIELD_NUMBER: _ClassVar[int]
+    MEMBER_B_FIELD_NUMBER: _ClassVar[int]
+    SPEARMAN_FIELD_NUMBER: _ClassVar[int]
+    member_a: str
+    member_b: str
+    spearman: float
+    def __init__(self, member_a: _Optional[str] = ..., member_b: _Optional[str] = ..., spearman: _Optional[float] = ...) -> None: ...
+
+class ScoreWindowStats(_message.Message):
+    __slots__ = ("model", "tenant", "window_items", "total_items", "span_seconds", "score_mean", "score_std", "score_min", "score_max", "length_mean", "length_correlation", "baseline_mean", "baseline_std", "drift_sigma", "histogram_edges", "histogram_counts", "member_rank_correlations")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_ITEMS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_ITEMS_FIELD_NUMBER: _ClassVar[int]
+    SPAN_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    SCORE_MEAN_FIELD_NUMBER: _ClassVar[int]
+    SCORE_STD_FIELD_NUMBER: _ClassVar[int]
+    SCORE_MIN_FIELD_NUMBER: _ClassVar[int]
+    SCORE_MAX_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_MEAN_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_CORRELATION_FIELD_NUMBER: _ClassVar[int]
+    BASELINE_MEAN_FIELD_NUMBER: _ClassVar[int]
+    BASELINE_STD_FIELD_NUMBER: _ClassVar[int]
+    DRIFT_SIGMA_FIELD_NUMBER: _ClassVar[int]
+    HISTOGRAM_EDGES_FIELD_NUMBER: _ClassVar[int]
+    HISTOGRAM_COUNTS_FIELD_NUMBER: _ClassVar[int]
+    MEMBER_RANK_CORRELATIONS_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    tenant: str
+    window_items: int
+    total_items: int
+    span_seconds: float
+    score_mean: float
+    score_std: float
+    score_min: float
+    score_max: float
+    length_mean: float
+    length_correlation: float
+    baseline_mean: float
+    baseline_std: float
+    drift_sigma: float
+    histogram_edges: _containers.RepeatedScalarFieldContainer[float]
+    histogram_counts: _containers.RepeatedScalarFieldContainer[int]
+    member_rank_correlations: _containers.RepeatedCompositeFieldContainer[MemberRankStats]
+    def __init__(self, model: _Optional[str] = ..., tenant: _Optional[str] = ..., window_items: _Optional[int] = ..., total_items: _Optional[int] = ..., span_seconds: _Optional[float] = ..., score_mean: _Optional[float] = ..., score_std: _Optional[float] = ..., score_min: _Optional[float] = ..., score_max: _Optional[float] = ..., length_mean: _Optional[float] = ..., length_correlation: _Optional[float] = ..., baseline_mean: _Optional[float] = ..., baseline_std: _Optional[float] = ..., drift_sigma: _Optional[float] = ..., histogram_edges: _Optional[_Iterable[float]] = ..., histogram_counts: _Optional[_Iterable[int]] = ..., member_rank_correlations: _Optional[_Iterable[_Union[MemberRankStats, _Mapping]]] = ...) -> None: ...
+
+class GetStatsResponse(_message.Message):
+    __slots__ = ("windows", "window_max_items", "window_max_seconds", "max_tenants", "enabled")
+    WINDOWS_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_MAX_ITEMS_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_MAX_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    MAX_TENANTS_FIELD_NUMBER: _ClassVar[int]
+    ENABLED_FIELD_NUMBER: _ClassVar[int]
+    windows: _containers.RepeatedCompositeFieldContainer[ScoreWindowStats]
+    window_max_items: int
+    window_max_seconds: float
+    max_tenants: int
+    enabled: bool
+    def __init__(self, windows: _Optional[_Iterable[_Union[ScoreWindowStats, _Mapping]]] = ..., window_max_items: _Optional[int] = ..., window_max_seconds: _Optional[float] = ..., max_tenants: _Optional[int] = ..., enabled: _Optional[bool] = ...) -> None: ...

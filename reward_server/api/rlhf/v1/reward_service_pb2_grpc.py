@@ -56,6 +56,11 @@ class RewardServiceStub:
                 request_serializer=reward__server_dot_api_dot_rlhf_dot_v1_dot_reward__service__pb2.GetServerInfoRequest.SerializeToString,
                 response_deserializer=reward__server_dot_api_dot_rlhf_dot_v1_dot_reward__service__pb2.GetServerInfoResponse.FromString,
                 _registered_method=True)
+        self.GetStats = channel.unary_unary(
+                '/rlhf.v1.RewardService/GetStats',
+                request_serializer=reward__server_dot_api_dot_rlhf_dot_v1_dot_reward__service__pb2.GetStatsRequest.SerializeToString,
+                response_deserializer=reward__server_dot_api_dot_rlhf_dot_v1_dot_reward__service__pb2.GetStatsResponse.FromString,
+                _registered_method=True)
 
 
 class RewardServiceServicer:
@@ -91,6 +96,15 @@ class RewardServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetStats(self, request, context):
+        """Reward-hacking telemetry: per reward model (or combination) and tenant, the figures of a
+        sliding window of the scored items (score distribution, score-length correlation, member
+        rank correlation, drift from the first window).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RewardServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -113,6 +127,11 @@ def add_RewardServiceServicer_to_server(servicer, server):
                     servicer.GetServerInfo,
                     request_deserializer=reward__server_dot_api_dot_rlhf_dot_v1_dot_reward__service__pb2.GetServerInfoRequest.FromString,
                     response_serializer=reward__server_dot_api_dot_rlhf_dot_v1_dot_reward__service__pb2.GetServerInfoResponse.SerializeToString,
+            ),
+            'GetStats': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetStats,
+                    request_deserializer=reward__server_dot_api_dot_rlhf_dot_v1_dot_reward__service__pb2.GetStatsRequest.FromString,
+                    response_serializer=reward__server_dot_api_dot_rlhf_dot_v1_dot_reward__service__pb2.GetStatsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -225,6 +244,33 @@ class RewardService:
             '/rlhf.v1.RewardService/GetServerInfo',
             reward__server_dot_api_dot_rlhf_dot_v1_dot_reward__service__pb2.GetServerInfoRequest.SerializeToString,
             reward__server_dot_api_dot_rlhf_dot_v1_dot_reward__service__pb2.GetServerInfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetStats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rlhf.v1.RewardService/GetStats',
+            reward__server_dot_api_dot_rlhf_dot_v1_dot_reward__service__pb2.GetStatsRequest.SerializeToString,
+            reward__server_dot_api_dot_rlhf_dot_v1_dot_reward__service__pb2.GetStatsResponse.FromString,
             options,
             channel_credentials,
             insecure,
