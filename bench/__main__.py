@@ -21,6 +21,7 @@ COMMANDS = {
     "fuzz": ("bench.fuzz", "random and hostile input on every RPC: counts by status code"),
     "profile": ("bench.profile", "py-spy: where the server's time goes, by thread and job"),
     "tenants": ("bench.tenants", "fair sharing: a light tenant beside a heavy one, shares 3:1"),
+    "telemetry": ("bench.telemetry", "reward-hacking telemetry: its cost per item on Score"),
     "trainer": (
         "bench.trainer_rpc",
         "PPO iteration time blocked on RPCs, overlap modes side by side",

@@ -31,10 +31,11 @@ from reward_server.engine.calibration import apply_intra_op_threads
 
 TARGETS = (
     "server", "server_ids", "inprocess", "inprocess_tight", "inprocess_b1", "naive", "arrival",
-    "fill", "http", "invariant",
+    "fill", "http", "invariant", "server_stream",
 )  # fmt: skip
-SAME_PROCESS = {"server_ids": "server", "http": "server"}
-"""Targets measured on the `server` process with other requests: token ids, the HTTP door."""
+SAME_PROCESS = {"server_ids": "server", "http": "server", "server_stream": "server"}
+"""Targets measured on the `server` process with other requests or calls: token ids, the HTTP
+door, and the same requests over one ScoreStream per client."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -172,7 +173,7 @@ def run(a: argparse.Namespace) -> dict:
         serve_args += ["--http-port", str(http_port)]
         bodies = http_bodies(requests, a.http_route)
     try:
-        if {"server", "server_ids", "http"} & set(targets):
+        if {"server", "server_ids", "http", "server_stream"} & set(targets):
             servers["server"] = start_reward_server("server", serve_args, logs)
         if "arrival" in targets:
             servers["arrival"] = start_reward_server("arrival", serve_args, logs, variant="arrival")
@@ -224,6 +225,7 @@ def run(a: argparse.Namespace) -> dict:
                     def on_window(which: str, sp=sp, snaps=snaps, cpu=cpu) -> None:
                         snaps[which] = sp.metrics()
                         cpu[which] = machine.process_cpu_seconds(sp.proc.pid)
+                        cpu[f"client_{which}"] = machine.process_cpu_seconds(os.getpid())
 
                     start = rng.randrange(len(requests))
                     kw = dict(
@@ -237,12 +239,18 @@ def run(a: argparse.Namespace) -> dict:
                         res = load_http(url, a.http_route, bodies[start:] + bodies, **kw)
                     elif target == "server_ids":
                         res = load(sp.address, id_requests[start:] + id_requests, **kw)
+                    elif target == "server_stream":
+                        res = load(sp.address, requests[start:] + requests, stream=True, **kw)
                     else:
                         res = load(sp.address, requests[start:] + requests, **kw)
                     row.update(res.summary())
                     if res.requests:  # the server process's CPU (all threads) per request
                         row["server_cpu_us_per_request"] = round(
                             (cpu["end"] - cpu["start"]) / res.requests * 1e6, 1
+                        )
+                        # the load generator's process: its clients share the machine
+                        row["client_cpu_us_per_request"] = round(
+                            (cpu["client_end"] - cpu["client_start"]) / res.requests * 1e6, 1
                         )
                     if sp.metrics_port:
                         row["server_metrics"] = metric_delta(
@@ -360,6 +368,9 @@ def summarize(rows: list[dict]) -> dict:
         ("invariant", "server"),
         ("invariant", "inprocess"),
         ("http", "server"),
+        ("server_stream", "server"),
+        ("server_stream", "inprocess"),
+        ("server_stream", "naive"),
     ]:
         vals = ratio(num, den)
         if vals:
@@ -371,8 +382,8 @@ def markdown(result: dict) -> str:
     """A table of the rows and the ratios."""
     lines = [
         "| repeat | target | real tok/s | client tok/s | items/s | p50 ms | p99 ms | batch items "
-        "| pad eff | queue ms | server CPU us/req | others' cores |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| pad eff | queue ms | server CPU us/req | client CPU us/req | others' cores |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         m = r.get("server_metrics", {})
@@ -384,6 +395,7 @@ def markdown(result: dict) -> str:
             f"{m.get('mean_batch_items', float('nan')):.1f} | {eff:.3f} | "
             f"{m.get('mean_queue_ms', float('nan')):.0f} | "
             f"{r.get('server_cpu_us_per_request', float('nan')):.0f} | "
+            f"{r.get('client_cpu_us_per_request', float('nan')):.0f} | "
             f"{r['load']['others_cores']:.2f} |"
         )
     lines.append("")

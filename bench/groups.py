@@ -56,10 +56,42 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--clients", type=int, default=32)
     p.add_argument("--groups-per-request", type=int, default=1)
     p.add_argument("--rounds", type=int, default=2, help="requests per client, each measured run")
+    p.add_argument(
+        "--repeats", type=int, default=1, help="measured runs per server (order alternates)"
+    )
     p.add_argument("--inprocess-repeats", type=int, default=5, help="0 skips the in-process rows")
     p.add_argument("--serve-arg", action="append", default=[], help="extra server flag (both)")
+    p.add_argument(
+        "--rm-family",
+        default="gpt2",
+        choices=("gpt2", "bert"),
+        help="reward model: GPT-2-shaped (decoder) or BERT-shaped (encoder: Score rows only; "
+        "nothing to share, the no-slowdown check)",
+    )
     p.add_argument("--models-dir", type=Path, default=DEFAULT_DIR)
     p.add_argument("--out", type=Path, default=Path("runs/bench"))
+
+
+def build_encoder(kind: str, out_dir: Path) -> Path:
+    """Write (once) a BERT-shaped reward model with `kind`'s layers and width (text-pair input,
+    as cross-encoder reward models read a prompt and a completion)."""
+    from reward_server.tiny import build_tiny_bert_rm
+
+    shape = SHAPES[kind]
+    path = Path(out_dir) / f"{kind}-bert-reward-pos{2 * POSITIONS}"
+    marker = path / "bench_model.json"
+    meta = {"kind": kind, "family": "bert", "positions": 2 * POSITIONS}
+    if marker.exists() and json.loads(marker.read_text()) == meta:
+        return path
+    build_tiny_bert_rm(
+        path,
+        hidden=shape.n_embd,
+        n_layer=shape.n_layer,
+        n_head=shape.n_head,
+        max_positions=2 * POSITIONS,  # its tokenizer splits some benchmark words
+    )
+    marker.write_text(json.dumps(meta))
+    return path
 
 
 def build_model(kind: str, role: str, out_dir: Path) -> Path:
@@ -155,6 +187,48 @@ def requests_of(groups: list[Group], rpc: str, per_request: int) -> list[tuple[b
     return out
 
 
+def wire_cost(groups: list[Group], rpc: str, per_request: int, repeats: int = 20) -> dict:
+    """What sending each group's prompt once would save on the wire: bytes per request and the
+    server's parse time (protobuf `FromString`, microseconds per request) of the requests as
+    sent (the prompt in every item) against the same requests with the prompt left out of all
+    but each group's first item (the size of an explicit grouped form)."""
+    sent = [r for r, _, _ in requests_of(groups, rpc, per_request)]
+    once = []
+    for a in range(0, len(groups), per_request):
+        part = groups[a : a + per_request]
+        if rpc == "score":
+            pairs = [
+                (g.prompt if i == 0 else "", c) for g in part for i, c in enumerate(g.completions)
+            ]
+            msg = pb.ScoreRequest(items=score_items(pairs))
+        else:
+            msg = pb.ReferenceLogProbsRequest(
+                sequences=[
+                    pb.TokenSequence(token_ids=(g.prompt_ids if i == 0 else []) + c)
+                    for g in part
+                    for i, c in enumerate(g.completion_ids)
+                ]
+            )
+        once.append(msg.SerializeToString())
+    cls = pb.ScoreRequest if rpc == "score" else pb.ReferenceLogProbsRequest
+
+    def parse_us(reqs: list[bytes]) -> float:
+        best = float("inf")
+        for _ in range(repeats):
+            t = time.perf_counter()
+            for r in reqs:
+                cls.FromString(r)
+            best = min(best, time.perf_counter() - t)
+        return 1e6 * best / len(reqs)
+
+    return {
+        "wire_bytes": round(statistics.mean(len(r) for r in sent)),
+        "wire_bytes_prompt_once": round(statistics.mean(len(r) for r in once)),
+        "parse_us": round(parse_us(sent), 1),
+        "parse_us_prompt_once": round(parse_us(once), 1),
+    }
+
+
 @dataclass
 class Load:
     """Fixed work: every request answered once; throughput over the makespan."""
@@ -232,7 +306,14 @@ def run(a: argparse.Namespace) -> None:
 
     lo, _, hi = a.completion.partition("..")
     lo_i, hi_i = int(lo), int(hi or lo)
-    rm = build_model(a.kind, "reward", a.models_dir)
+    encoder = a.rm_family == "bert"
+    if encoder and a.rpcs != "score":
+        raise SystemExit("--rm-family bert measures Score only: pass --rpcs score")
+    rm = (
+        build_encoder(a.kind, a.models_dir)
+        if encoder
+        else build_model(a.kind, "reward", a.models_dir)
+    )
     ref = build_model(a.kind, "reference", a.models_dir)
     log_dir = a.out / "groups-logs"
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -261,17 +342,38 @@ def run(a: argparse.Namespace) -> None:
             groups = make_groups(n_groups, plen, k, lo_i, hi_i, seed=plen * 100 + k, vocab=512)
             reqs = requests_of(groups, rpc, a.groups_per_request)
             ideal = sum(g.unshared_tokens for g in groups) / sum(g.shared_tokens for g in groups)
+            ideal = 1.0 if encoder else ideal  # an encoder's prefix depends on what follows it
             row: dict = {"rpc": rpc, "prompt": plen, "k": k, "ideal_ratio": round(ideal, 2)}
-            for label in ("unshared", "shared"):
-                meter = machine.LoadMeter([servers[label].proc.pid])
-                res = asyncio.run(_run_load(servers[label].address, METHODS[rpc], reqs, a.clients))
-                row[f"{label}_tok_s"] = round(res.tokens / res.seconds, 1)
-                row[f"{label}_p50_ms"] = (
-                    round(1e3 * statistics.median(res.latencies), 1) if res.latencies else None
-                )
-                row[f"{label}_errors"] = res.errors
-                row[f"{label}_others_cores"] = round(meter.stop().others_cores, 2)
-            row["ratio"] = round(row["shared_tok_s"] / max(1e-9, row["unshared_tok_s"]), 2)
+            each: dict[str, list[dict]] = {"unshared": [], "shared": []}
+            for rep in range(a.repeats):  # the two servers alternate which goes first
+                order = ("unshared", "shared") if rep % 2 == 0 else ("shared", "unshared")
+                for label in order:
+                    meter = machine.LoadMeter([servers[label].proc.pid])
+                    res = asyncio.run(
+                        _run_load(servers[label].address, METHODS[rpc], reqs, a.clients)
+                    )
+                    each[label].append(
+                        {
+                            "tok_s": res.tokens / res.seconds,
+                            "p50_ms": 1e3 * statistics.median(res.latencies)
+                            if res.latencies
+                            else float("nan"),
+                            "errors": res.errors,
+                            "others_cores": meter.stop().others_cores,
+                        }
+                    )
+            for label, runs in each.items():
+                row[f"{label}_tok_s"] = round(statistics.median(r["tok_s"] for r in runs), 1)
+                row[f"{label}_p50_ms"] = round(statistics.median(r["p50_ms"] for r in runs), 1)
+                row[f"{label}_errors"] = sum(r["errors"] for r in runs)
+                row[f"{label}_others_cores"] = round(max(r["others_cores"] for r in runs), 2)
+            ratios = [
+                s["tok_s"] / max(1e-9, u["tok_s"])
+                for s, u in zip(each["shared"], each["unshared"], strict=True)
+            ]
+            row["ratio"] = round(statistics.median(ratios), 2)
+            row["ratio_each"] = [round(r, 2) for r in ratios]
+            row.update(wire_cost(groups, rpc, a.groups_per_request))
             if runners:
                 lim = inprocess(runners[rpc], rpc, groups, a.inprocess_repeats)
                 row["inproc_shared_tok_s"] = round(lim["shared"], 1)
@@ -304,6 +406,7 @@ def _table(rows: list[dict]) -> str:
         )
         lines.append(
             f"| {r['rpc']} | {r['prompt']} | {r['k']} | {r['unshared_tok_s']:.0f} | "
-            f"{r['shared_tok_s']:.0f} | {r['ratio']}x | {r['ideal_ratio']}x | {inproc} |"
+            f"{r['shared_tok_s']:.0f} | {r['ratio']}x {tuple(r['ratio_each'])} | "
+            f"{r['ideal_ratio']}x | {inproc} |"
         )
     return "\n".join(lines)

@@ -14,7 +14,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from reward_server.engine.calibration import overhead_from_timings, padded_tokens
+from reward_server.engine.calibration import (
+    calibration_batches,
+    fastest_times,
+    overhead_from_fit,
+    padded_tokens,
+)
 from reward_server.models.reward import ScoreInput
 
 
@@ -78,22 +83,17 @@ def tight_batches(
 
 
 def measure_overhead_tokens(runner: Any, max_tokens: int, max_items: int) -> float:
-    """A forward's fixed cost in tokens, as the server measures it at warm-up (the same fit,
-    `reward_server.engine.calibration.overhead_from_timings`), with one stream and no event loop."""
-    big = runner.warmup_items(max_tokens, max_items)
-    small = runner.warmup_items(64, 1)
+    """A forward's fixed cost in tokens, as the server measures it at warm-up (the same batches,
+    rounds and fit: `reward_server.engine.calibration`), with one stream and no event loop."""
+    batches = calibration_batches(runner, max_tokens, max_items)
 
-    def best(items: list[Any], n: int) -> float:
-        times = []
-        for _ in range(n):
-            t = time.perf_counter()
-            runner.forward(items)
-            times.append(time.perf_counter() - t)
-        return min(times)
+    def timed(items: list[Any]) -> float:
+        t = time.perf_counter()
+        runner.forward(items)
+        return time.perf_counter() - t
 
-    runner.forward(big)
-    t_big, t_small = best(big, 1), best(small, 3)
-    return overhead_from_timings(t_big, padded_tokens(big), t_small, padded_tokens(small))
+    best = fastest_times(timed, batches)
+    return overhead_from_fit([(padded_tokens(b), t) for b, t in zip(batches, best, strict=True)])
 
 
 def arrival_batches(lengths: Sequence[int], max_tokens: int, max_items: int) -> list[list[int]]:

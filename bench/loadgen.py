@@ -25,6 +25,7 @@ from reward_server.api.rlhf.v1 import reward_service_pb2 as pb
 from reward_server.client.messages import score_items
 
 SCORE_METHOD = "/rlhf.v1.RewardService/Score"
+SCORE_STREAM_METHOD = "/rlhf.v1.RewardService/ScoreStream"
 
 
 @dataclass
@@ -105,16 +106,15 @@ def build_requests(
 
 
 async def client_loop(
-    call: grpc.aio.UnaryUnaryMultiCallable,
+    call: Callable[[bytes], Any],
     requests: Sequence[tuple[bytes, int]],
     offset: int,
     window: tuple[float, float],
     result: LoadResult,
-    timeout: float,
-    metadata: Sequence[tuple[str, str]] | None = None,
 ) -> None:
     """One closed-loop client: send the next of `requests` (from `offset`) as soon as the last
-    answers, with `metadata` on each call; record the completions inside `window`."""
+    answers (`call` sends one: a unary call, or a request on a stream); record the completions
+    inside `window`."""
     start, end = window
     i = offset
     while True:
@@ -124,20 +124,40 @@ async def client_loop(
         data, k = requests[i % len(requests)]
         i += 1
         try:
-            raw = await call(data, timeout=timeout, metadata=metadata)
+            raw = await call(data)
         except grpc.aio.AioRpcError:
             result.errors += 1
             await asyncio.sleep(0.01)
             continue
         t1 = time.perf_counter()
         resp = pb.ScoreResponse.FromString(raw)
-        if len(resp.scores) != k:
-            raise RuntimeError(f"asked {k} scores, got {len(resp.scores)}")
+        if resp.HasField("status") or len(resp.scores) != k:
+            raise RuntimeError(f"asked {k} scores, got {len(resp.scores)}: {resp.status}")
         if start <= t1 <= end:  # completions in the window (steady-state closed loop)
             result.requests += 1
             result.items += k
             result.real_tokens += sum(s.num_tokens for s in resp.scores)
             result.latencies.append(t1 - t0)
+
+
+def _unary(channel: grpc.aio.Channel, timeout: float) -> Callable[[bytes], Any]:
+    call = channel.unary_unary(SCORE_METHOD)  # bytes in, bytes out
+    return lambda data: call(data, timeout=timeout)
+
+
+def _on_stream(channel: grpc.aio.Channel, timeout: float) -> Callable[[bytes], Any]:
+    """One ScoreStream for this client: each request is written and its response read before the
+    next (the stream answers in request order)."""
+    stream = channel.stream_stream(SCORE_STREAM_METHOD)(timeout=timeout)
+
+    async def call(data: bytes) -> bytes:
+        await stream.write(data)
+        raw = await stream.read()
+        if raw is grpc.aio.EOF:
+            raise RuntimeError("ScoreStream ended early")
+        return raw
+
+    return call
 
 
 async def run_load(
@@ -149,11 +169,14 @@ async def run_load(
     warmup: float = 2.0,
     timeout: float = 600.0,
     on_window: Callable[[str], None] | None = None,
+    stream: bool = False,
 ) -> LoadResult:
     """Run `clients` closed-loop clients for warmup + duration seconds; measure the last part.
 
     `on_window("start")` and `on_window("end")` run (in a thread) when the window opens and
     closes, e.g. to scrape the server's metrics. Requests still running at the end are cancelled.
+    With `stream`, each client sends its requests one at a time over its own ScoreStream
+    instead of one Score call each.
     """
     opts = [
         ("grpc.max_receive_message_length", 64 << 20),
@@ -161,13 +184,15 @@ async def run_load(
     ]
     async with grpc.aio.insecure_channel(address, options=opts) as channel:
         await asyncio.wait_for(channel.channel_ready(), 30)
-        call = channel.unary_unary(SCORE_METHOD)  # bytes in, bytes out
+        opener = _on_stream if stream else _unary
         now = time.perf_counter()
         window = (now + warmup, now + warmup + duration)
         result = LoadResult(clients, duration)
         step = max(1, len(requests) // max(1, clients))
         tasks = [
-            asyncio.ensure_future(client_loop(call, requests, c * step, window, result, timeout))
+            asyncio.ensure_future(
+                client_loop(opener(channel, timeout), requests, c * step, window, result)
+            )
             for c in range(clients)
         ]
         await run_window(tasks, window, on_window)

@@ -33,7 +33,7 @@ def arrival_window(self: batcher_mod.DynamicBatcher) -> list[int]:
     return chosen
 
 
-async def _infinite_overhead(runner, big, executor, streams) -> float:  # noqa: ANN001
+async def _infinite_overhead(runner, max_tokens, max_items, executor, streams) -> float:  # noqa: ANN001
     """`calibration.measure_overhead_tokens`'s signature: infinite, so batches fill the budget."""
     return float("inf")
 

@@ -81,7 +81,15 @@ async def _run_groups(
             step = max(1, len(reqs) // clients)
             tasks += [
                 asyncio.ensure_future(
-                    client_loop(call, reqs, c * step, window, res, 600.0, md or None)
+                    client_loop(
+                        lambda data, call=call, md=md: call(
+                            data, timeout=600.0, metadata=md or None
+                        ),
+                        reqs,
+                        c * step,
+                        window,
+                        res,
+                    )
                 )
                 for c in range(clients)
             ]

@@ -98,7 +98,12 @@ def run_best_of_n(cfg: BestOfNConfig) -> dict[str, Any]:
     summary (also written to summary.json)."""
     from policy_trainer.data import load_prompts
     from policy_trainer.models import load_policy, load_tokenizer, resolve_device
-    from policy_trainer.remote import RemoteRewards, check_reward_model, open_client
+    from policy_trainer.remote import (
+        RemoteRewards,
+        check_reward_model,
+        open_client,
+        pin_model_versions,
+    )
     from policy_trainer.rollout import _reward_input
     from reward_server.seeding import seed_everything
 
@@ -123,6 +128,16 @@ def run_best_of_n(cfg: BestOfNConfig) -> dict[str, Any]:
         client, info = open_client(cfg.server)
         check_reward_model(info, cfg.server)
         remote = RemoteRewards(client, cfg.server, cfg.sampling.temperature, None, workers=2)
+        # pinned for the whole output file: a resumed file keeps its recorded version
+        pins = pin_model_versions(
+            info,
+            cfg.server,
+            out_path.with_name(out_path.name + ".model_versions.json"),
+            resume=bool(done),
+            write=True,
+            roles=("reward",),
+        )
+        remote.score_version = pins.get("reward", "")
         bar = tqdm(
             total=len(prompts), initial=len(done), desc=f"best-of-{cfg.sampling.n}",
             disable=not cfg.run.progress, dynamic_ncols=True,

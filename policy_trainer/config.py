@@ -160,6 +160,12 @@ class RewardServiceConfig:
     """Score the policy's token ids (no decode, no re-tokenisation on the server) when the reward
     model's tokenizer fingerprint equals the policy's; text otherwise. Decided once at start,
     logged and written to the run's ``reward_input.json``."""
+    pin_model_versions: bool = True
+    """Pin, at start, the version of every served model the run uses (recorded in the run's
+    ``model_versions.json``) and send it with every request: if the server then answers with
+    another version (a reload, a rolling update), the trainer checkpoints and stops instead of
+    training on a changed reward; ``--resume`` refuses a server serving another version. False:
+    versions recorded only."""
 
 
 @dataclass

@@ -38,10 +38,12 @@ from policy_trainer.models import ActorCritic, load_policy, load_tokenizer, reso
 from policy_trainer.preferences import PreferencePair, load_preference_pairs
 from policy_trainer.remote import (
     UNAVAILABLE,
+    VERSIONS_FILE,
     ServerRejectedError,
     ServerUnavailableError,
     check_reference,
     open_client,
+    pin_model_versions,
 )
 from policy_trainer.rollout import trimmed_forward
 from policy_trainer.run_logging import RunLogger
@@ -169,6 +171,15 @@ class DPOTrainer:
         client, server_info = open_client(s)
         try:
             name = check_reference(server_info, s, self.fingerprint)
+            # the reference log-probs are fetched once: pinned and recorded for this fetch
+            pins = pin_model_versions(
+                server_info,
+                s,
+                self.run_dir / VERSIONS_FILE,
+                resume=False,
+                write=True,
+                roles=("reference",),
+            )
             out: list[np.ndarray] = []
             size = self.cfg.dpo.ref_batch_size
             bar = tqdm(
@@ -182,6 +193,7 @@ class DPOTrainer:
                         temperature=1.0,
                         model=s.reference_model,
                         tokenizer_fingerprint=self.fingerprint if s.check_fingerprint else None,
+                        model_version=pins.get("reference", ""),
                     )
                 except RewardServiceError as e:
                     cls = ServerUnavailableError if e.code in UNAVAILABLE else ServerRejectedError

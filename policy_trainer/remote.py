@@ -16,11 +16,14 @@ never replaced by zero); anything else (FAILED_PRECONDITION, UNAUTHENTICATED, ..
 
 from __future__ import annotations
 
+import json
+import logging
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
@@ -36,6 +39,7 @@ from reward_server.client import (
 )
 
 R = TypeVar("R")
+log = logging.getLogger(__name__)
 
 UNAVAILABLE = RETRYABLE | {grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
 """Codes left when the client gave up retrying (or was closed): the server is not there."""
@@ -47,6 +51,17 @@ class ServerUnavailableError(RuntimeError):
 
 class ServerRejectedError(RuntimeError):
     """The server refused the work for a reason retrying cannot fix."""
+
+
+class ModelVersionChangedError(ServerRejectedError):
+    """The server answers with another model version than the run pinned at start (a reload or
+    a rolling update changed the reward or reference model under the run)."""
+
+
+VERSION_MISMATCH = "model version mismatch"
+"""How the server's FAILED_PRECONDITION message for a pinned version starts."""
+VERSIONS_FILE = "model_versions.json"
+"""The run directory's record of the model versions the run pinned."""
 
 
 RewardInput = tuple[str, str] | list[dict[str, str]]
@@ -83,10 +98,18 @@ class RemoteRewards:
         self.score_fingerprint = ""
         """Set (by `decide_score_input`) to the policy's fingerprint when the reward model shares
         its tokenizer: Score then gets the policy's token ids instead of text."""
+        self.score_version = ""
+        """The reward model's (combination's) pinned version, sent with every Score ("" = none)."""
+        self.ref_version = ""
+        """The reference model's pinned version, sent with every ReferenceLogProbs."""
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="reward-rpc")
         self.wait_seconds = 0.0
         self._lock = threading.Lock()
         self.failed_items = 0
+        self.members: tuple[str, ...] = ()
+        """The reward combination's members, when it is one: each scored item's member scores
+        (its ``head_scores``) are kept for the run's telemetry (`pop_member_scores`)."""
+        self._member_rows: list[tuple[float, ...]] = []
 
     # ------------------------------------------------------------------ public
     def submit(
@@ -127,6 +150,13 @@ class RemoteRewards:
             self.wait_seconds += time.perf_counter() - t0
         return scores, refs
 
+    def pop_member_scores(self) -> list[tuple[float, ...]]:
+        """The member scores of the items scored since the last call (one tuple per item, in
+        the order of `members`; empty unless `members` is set)."""
+        with self._lock:
+            rows, self._member_rows = self._member_rows, []
+        return rows
+
     def pop_wait_seconds(self) -> float:
         """Blocked time since the last call."""
         w, self.wait_seconds = self.wait_seconds, 0.0
@@ -144,6 +174,13 @@ class RemoteRewards:
         except RewardServiceError as e:
             if e.code in PER_ITEM:
                 raise
+            if e.code == grpc.StatusCode.FAILED_PRECONDITION and VERSION_MISMATCH in e.details:
+                raise ModelVersionChangedError(
+                    f"{what}: the reward server at {self.cfg.address} no longer serves the model "
+                    f"version this run pinned at start ({e.details}); a reload or a rolling "
+                    f"update changed the model. Resume (--resume) against a server that serves "
+                    f"the versions in {VERSIONS_FILE}, or start a new run for the new version"
+                ) from None
             if e.code in UNAVAILABLE:
                 raise ServerUnavailableError(
                     f"{what}: the reward server at {self.cfg.address} did not answer within the "
@@ -173,8 +210,13 @@ class RemoteRewards:
             self.failed_items += len(out.rejected)
         return out.results
 
-    def _score_ids(self, ids: list[list[int]], *, model: str) -> list[Any]:
-        return self.client.score_ids(ids, tokenizer_fingerprint=self.score_fingerprint, model=model)
+    def _score_ids(self, ids: list[list[int]], *, model: str, model_version: str) -> list[Any]:
+        return self.client.score_ids(
+            ids,
+            tokenizer_fingerprint=self.score_fingerprint,
+            model=model,
+            model_version=model_version,
+        )
 
     def _scores(
         self, items: list[RewardInput], reward_ids: list[list[int] | None] | None = None
@@ -197,17 +239,28 @@ class RemoteRewards:
             (chat, [items[i] for i in chat], self.client.score_messages),
             (as_ids, [reward_ids[i] for i in as_ids] if as_ids else [], self._score_ids),
         ]
+        members = self.members
+        rows: list[tuple[float, ...]] = []
         for idx, sub, method in calls:
             if not idx:
                 continue
             results = self._batch_or_per_item(
-                len(sub), lambda sl, sub=sub, method=method: method(sub[sl], model=model), "Score"
+                len(sub),
+                lambda sl, sub=sub, method=method: method(
+                    sub[sl], model=model, model_version=self.score_version
+                ),
+                "Score",
             )
             for i, res in zip(idx, results, strict=True):
                 if res is None:
                     continue
                 value = res.normalized_score if self.cfg.use_normalized_score else res.score
                 scores[i] = np.nan if value is None else value
+                if members:
+                    rows.append(tuple(res.head_scores.get(m, np.nan) for m in members))
+        if rows:
+            with self._lock:
+                self._member_rows.extend(rows)
         return scores
 
     def _ref_logprobs(
@@ -220,6 +273,7 @@ class RemoteRewards:
                 temperature=self.temperature,
                 model=self.cfg.reference_model,
                 tokenizer_fingerprint=self.fingerprint,
+                model_version=self.ref_version,
             )
 
         refs = self._batch_or_per_item(len(token_ids), call, "ReferenceLogProbs")
@@ -318,6 +372,18 @@ def reward_members(info: Any, name: str) -> list[Any]:
     return [by_name[h] for h in m.heads if h in by_name]
 
 
+def combination_members(info: Any, cfg: RewardServiceConfig) -> tuple[str, ...]:
+    """The member names of the run's reward model when it is a combination, else ()."""
+    from reward_server.api.rlhf.v1 import reward_service_pb2 as pb
+
+    name = cfg.reward_model or info.default_reward_model
+    by_name = {m.name: m for m in info.models}
+    m = by_name.get(name)
+    if m is None or m.role != pb.MODEL_ROLE_REWARD_COMBINATION:
+        return ()
+    return tuple(m.heads)
+
+
 def reward_fingerprint(info: Any, name: str) -> str:
     """The tokenizer fingerprint of reward model `name`; of a combination, its members' common
     fingerprint ("" when they differ: token ids cannot be sent to it)."""
@@ -354,3 +420,60 @@ def check_server(info: Any, cfg: RewardServiceConfig, fingerprint: str) -> None:
     model shares the policy's vocabulary."""
     check_reference(info, cfg, fingerprint)
     check_reward_model(info, cfg)
+
+
+def served_versions(info: Any, cfg: RewardServiceConfig, roles: tuple[str, ...]) -> dict[str, Any]:
+    """The versions the server now serves of the models a run uses (`roles`: "reward",
+    "reference"): ``{"reward": {"name", "version", "members": {name: version}}, "reference":
+    {"name", "version"}}``; members only for a combination."""
+    by_name = {m.name: m for m in info.models}
+    out: dict[str, Any] = {}
+    if "reward" in roles:
+        name = cfg.reward_model or info.default_reward_model
+        entry: dict[str, Any] = {"name": name, "version": by_name[name].model_version}
+        members = reward_members(info, name)
+        if len(members) > 1 or members[0].name != name:
+            entry["members"] = {m.name: m.model_version for m in members}
+        out["reward"] = entry
+    if "reference" in roles:
+        name = cfg.reference_model or info.default_reference_model
+        out["reference"] = {"name": name, "version": by_name[name].model_version}
+    return out
+
+
+def pin_model_versions(
+    info: Any,
+    cfg: RewardServiceConfig,
+    path: Path,
+    *,
+    resume: bool,
+    write: bool,
+    roles: tuple[str, ...] = ("reward", "reference"),
+) -> dict[str, str]:
+    """Pin, at start, the version of every model the run uses: recorded in `path` (the run
+    directory's `VERSIONS_FILE`; written by rank 0: `write`), and returned as ``{role: version}`` for the requests
+    (empty when ``cfg.pin_model_versions`` is false: then only recorded). On `resume` the
+    recorded versions are the pins, and a server that now serves another version is
+    `ModelVersionChangedError` before any work."""
+    current = served_versions(info, cfg, roles)
+    if resume and path.is_file():
+        recorded = json.loads(path.read_text())
+        for role, entry in current.items():
+            old = recorded.get(role)
+            if cfg.pin_model_versions and old and old["version"] != entry["version"]:
+                raise ModelVersionChangedError(
+                    f"--resume: this run pinned {role} model {old['name']!r} version "
+                    f"{old['version']} ({path}), but the server at {cfg.address} serves "
+                    f"{entry['name']!r} version {entry['version']}. Point server.address to a "
+                    "server that serves the pinned version, or start a new run (another "
+                    "run.output_dir) to train against the new one"
+                )
+        current = {**current, **{r: recorded[r] for r in current if r in recorded}}
+    elif write:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(current, indent=2) + "\n")
+    line = ", ".join(f"{r} {e['name']!r} {e['version']}" for r, e in current.items())
+    log.info("model versions %s: %s", "pinned" if cfg.pin_model_versions else "recorded", line)
+    if not cfg.pin_model_versions:
+        return {}
+    return {role: entry["version"] for role, entry in current.items()}

@@ -4,10 +4,19 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from policy_trainer.config import ConfigError
+from reward_server.reward_stats import (
+    NAN,
+    drift_sigma,
+    mean_std,
+    member_rank_correlations,
+    min_correlation,
+    pearson,
+)
 
 REQUIRED_KEYS = (
     "iteration",
@@ -46,6 +55,46 @@ PPO_PANELS: tuple[tuple[str | tuple[str, ...], str], ...] = (
     ("beta", "KL coefficient beta"),
 )
 """The PPO run's curves.png panels: (metric key or keys, title)."""
+
+
+def telemetry_metrics(
+    scores: Sequence[float],
+    lengths: Sequence[float],
+    members: Sequence[str] = (),
+    member_scores: Sequence[Sequence[float]] = (),
+) -> dict[str, float]:
+    """The reward-hacking figures of one iteration's rollouts, with the functions the server's
+    telemetry uses (`reward_server.reward_stats`; docs/DEPLOY.md, "Reward-hacking telemetry"):
+    ``telemetry/score_mean`` and ``telemetry/score_std`` (the scores the run trains on),
+    ``telemetry/length_corr`` (Pearson's r of score against the completion's length in policy
+    tokens) and, when the reward is a combination, ``telemetry/member_rank_corr`` (the lowest
+    Spearman's rho between two members' scores of the same items). Lost scores (NaN) are left
+    out."""
+    keep = [i for i, s in enumerate(scores) if math.isfinite(s)]
+    s = [float(scores[i]) for i in keep]
+    mean, std = mean_std(s)
+    out = {
+        "telemetry/score_mean": mean,
+        "telemetry/score_std": std,
+        "telemetry/length_corr": pearson(s, [float(lengths[i]) for i in keep]),
+    }
+    if len(members) >= 2:
+        corr = member_rank_correlations(members, member_scores)
+        out["telemetry/member_rank_corr"] = min_correlation(corr)
+    return out
+
+
+def add_score_drift(metrics: dict[str, Any], history: Sequence[dict[str, Any]]) -> None:
+    """``telemetry/score_drift_sigma``: how far this iteration's mean score lies from the run's
+    first iteration's (the baseline, kept in metrics.jsonl, so a resumed run keeps it), in the
+    first iteration's standard deviations."""
+    first = next((m for m in history if m.get("telemetry/score_std") is not None), metrics)
+    base_std = first.get("telemetry/score_std")
+    metrics["telemetry/score_drift_sigma"] = drift_sigma(
+        metrics["telemetry/score_mean"],
+        first["telemetry/score_mean"],
+        NAN if base_std is None else base_std,
+    )
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

@@ -46,16 +46,19 @@ from policy_trainer.models import (
     resolve_device,
 )
 from policy_trainer.remote import (
+    VERSIONS_FILE,
     RemoteRewards,
     ServerRejectedError,
     ServerUnavailableError,
     check_server,
+    combination_members,
     decide_score_input,
     describe_server,
     open_client,
+    pin_model_versions,
 )
 from policy_trainer.rollout import RolloutBatch, collect_rollout
-from policy_trainer.run_logging import RunLogger
+from policy_trainer.run_logging import RunLogger, add_score_drift, telemetry_metrics
 from policy_trainer.update import build_optimizer, ppo_update
 from reward_server.client import RewardClient
 from reward_server.fingerprint import tokenizer_fingerprint
@@ -109,6 +112,7 @@ class PPOTrainer:
         init_distributed(self.dist, self.device)
         seed_everything(cfg.run.seed)
         ckpt = checkpoint_to_resume(self.run_dir, resume)
+        self.resumed = ckpt is not None
         self.tokenizer = load_tokenizer(cfg.model)
         self.fingerprint = tokenizer_fingerprint(self.tokenizer)
         self.sample_metrics = (
@@ -225,12 +229,18 @@ class PPOTrainer:
         self.client, info = open_client(s)
         check_server(info, s, self.fingerprint)
         log.info(describe_server(info))
+        pins = pin_model_versions(
+            info, s, self.run_dir / VERSIONS_FILE, resume=self.resumed, write=self.dist.is_main
+        )
         self.remote = RemoteRewards(
             self.client,
             s,
             self.cfg.rollout.temperature,
             self.fingerprint if s.check_fingerprint else None,
         )
+        self.remote.score_version = pins.get("reward", "")
+        self.remote.ref_version = pins.get("reference", "")
+        self.remote.members = combination_members(info, s)
         self._decide_score_input(info)
 
     def _decide_score_input(self, info: Any) -> None:
@@ -350,6 +360,7 @@ class PPOTrainer:
             texts = [self.prompts[indices[j // k]].text for j in range(len(batch))]
             local.update(self.sample_metrics(texts, batch.completions, batch.has_eos.tolist()))
         local["failed_rpc_items"] = float(self.remote.failed_items if self.remote else 0)
+        local.update(self._telemetry(batch))
         metrics: dict[str, Any] = {"iteration": iteration, **mean_over_ranks(local, self.device)}
         metrics.update(
             kl_mean=global_kl,
@@ -361,9 +372,22 @@ class PPOTrainer:
         metrics["rpc_wait_share"] = metrics["rpc_wait_seconds"] / metrics["iteration_seconds"]
         if cfg.run.check_rank_sync and self.dist.enabled:
             metrics["weights_digest"] = check_ranks_in_sync(self.model)
+        add_score_drift(metrics, self.logger.history)
         if self.dist.is_main:
             metrics["sample_completion"] = batch.completions[0]
         return metrics
+
+    def _telemetry(self, batch: RolloutBatch) -> dict[str, float]:
+        """The iteration's reward-hacking figures (`run_logging.telemetry_metrics`): the
+        server's telemetry computed on this run's own rollouts."""
+        members = self.remote.members if self.remote is not None else ()
+        rows = self.remote.pop_member_scores() if self.remote is not None else []
+        return telemetry_metrics(
+            batch.scores.tolist(),
+            batch.response_mask.sum(dim=1).tolist(),
+            members,
+            rows,
+        )
 
     def _install_signal_handlers(self) -> None:
         if threading.current_thread() is not threading.main_thread():

@@ -1,4 +1,4 @@
-"""`reward-server` command line: serve, score, health, info, train, export-onnx."""
+"""`reward-server` command line: serve, score, health, info, reload, train, export-onnx."""
 
 from __future__ import annotations
 
@@ -103,8 +103,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from reward_server.engine.calibration import configure_malloc
 
     configure_malloc()  # before the event loop, gRPC and the worker threads start
+    # SIGHUP re-reads the --config file (and the same flags) to reload changed models
+    reread = (lambda: config_from_args(args)) if args.config else None
     try:
-        return asyncio.run(serve(cfg))
+        return asyncio.run(serve(cfg, reread))
     except (ModelLoadError, ValueError, OSError) as exc:
         logging.getLogger("reward_server").error("cannot start: %s", exc)
         return 2
@@ -153,9 +155,35 @@ def add_client_parsers(sub: Any) -> None:
     _add_client_flags(h)
     h.add_argument("--service", default="", help="service name to check ('' = the whole server)")
     h.set_defaults(func=cmd_health)
-    i = sub.add_parser("info", help="print GetServerInfo as JSON")
+    i = sub.add_parser(
+        "info", help="print GetServerInfo as JSON, or with --stats the reward-hacking telemetry"
+    )
     _add_client_flags(i)
+    i.add_argument(
+        "--stats",
+        action="store_true",
+        help="print GetStats (per model and tenant: score mean/std, drift from the first "
+        "window, score-length correlation, member rank correlation) as a table",
+    )
+    i.add_argument("--json", action="store_true", help="with --stats: print JSON, not a table")
+    i.add_argument("--model", default="", help="with --stats: only this model's windows")
+    i.add_argument("--tenant", default="", help="with --stats: only this tenant's windows")
     i.set_defaults(func=cmd_info)
+    r = sub.add_parser(
+        "reload",
+        help="AdminService.ReloadModel: load a new version of a served model without downtime",
+    )
+    _add_client_flags(r)
+    r.set_defaults(timeout=600.0)
+    r.add_argument("--model", required=True, help="the served reward or reference model")
+    r.add_argument(
+        "--source", default="", help="new directory or hub id (default: its current source)"
+    )
+    r.add_argument(
+        "--admin-token-file",
+        help="file holding the admin token (default: --token, else env RLHF_ADMIN_TOKEN)",
+    )
+    r.set_defaults(func=cmd_reload)
 
 
 def cmd_score(args: argparse.Namespace) -> int:
@@ -180,8 +208,95 @@ def cmd_info(args: argparse.Namespace) -> int:
     from google.protobuf.json_format import MessageToDict
 
     with _client(args) as client:
-        print(json.dumps(MessageToDict(client.server_info()), indent=2))
+        if not args.stats:
+            print(json.dumps(MessageToDict(client.server_info()), indent=2))
+            return 0
+        resp = client.stats(model=args.model, tenant=args.tenant)
+    if args.json:
+        print(json.dumps(MessageToDict(resp, always_print_fields_with_no_presence=True), indent=2))
+    else:
+        print(stats_table(resp))
     return 0
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    """Call AdminService.ReloadModel and print its answer as JSON (exit 1 on an error)."""
+    import os
+    from pathlib import Path
+
+    import grpc
+    from google.protobuf.json_format import MessageToDict
+
+    from reward_server.api.rlhf.v1 import reward_service_pb2 as pb
+    from reward_server.api.rlhf.v1 import reward_service_pb2_grpc as pb_grpc
+    from reward_server.client.channels import credentials
+
+    token = args.token or os.environ.get("RLHF_ADMIN_TOKEN", "")
+    if args.admin_token_file:
+        token = Path(args.admin_token_file).read_text().strip().splitlines()[0].strip()
+    creds = credentials(args.tls_ca, args.tls_cert, args.tls_key)
+    target = args.server.split(",")[0]
+    channel = grpc.secure_channel(target, creds) if creds else grpc.insecure_channel(target)
+    with channel:
+        try:
+            resp = pb_grpc.AdminServiceStub(channel).ReloadModel(
+                pb.ReloadModelRequest(model=args.model, source=args.source),
+                metadata=[("authorization", f"Bearer {token}")] if token else None,
+                timeout=args.timeout,
+            )
+        except grpc.RpcError as exc:
+            print(f"reward-server reload: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+    print(json.dumps(MessageToDict(resp, always_print_fields_with_no_presence=True), indent=2))
+    return 0
+
+
+STATS_COLUMNS = (
+    ("model", "model", "s"),
+    ("tenant", "tenant", "s"),
+    ("items", "window_items", "d"),
+    ("total", "total_items", "d"),
+    ("mean", "score_mean", ".3f"),
+    ("std", "score_std", ".3f"),
+    ("drift_sigma", "drift_sigma", "+.2f"),
+    ("len_mean", "length_mean", ".1f"),
+    ("len_corr", "length_correlation", "+.3f"),
+    ("member_rho", "", ".3f"),
+)
+"""The columns of `stats_table`: (header, ScoreWindowStats field, format)."""
+
+
+def stats_table(resp: Any) -> str:
+    """GetStatsResponse as a text table, one row per (model, tenant) window; member_rho is the
+    lowest Spearman correlation between two members of a combination; '-' = undefined."""
+    import math
+
+    if not resp.enabled:
+        return "telemetry is off on this server (--no-telemetry)"
+    rows = [[h for h, _, _ in STATS_COLUMNS]]
+    for w in resp.windows:
+        row = []
+        for _, key, fmt in STATS_COLUMNS:
+            if key:
+                value = getattr(w, key)
+            else:
+                rhos = [m.spearman for m in w.member_rank_correlations]
+                value = min(rhos) if rhos else math.nan
+            bad = isinstance(value, float) and not math.isfinite(value)
+            row.append("-" if bad else format(value, fmt))
+        rows.append(row)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(STATS_COLUMNS))]
+    lines = [
+        "  ".join(
+            c.rjust(w) if i > 1 else c.ljust(w)
+            for i, (c, w) in enumerate(zip(r, widths, strict=True))
+        )
+        for r in rows
+    ]
+    window = f"window: last {resp.window_max_items} items"
+    if resp.window_max_seconds:
+        window += f" within {resp.window_max_seconds:g} s"
+    return "\n".join([*lines, window + f"; tenants tracked: {resp.max_tenants}"])
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -168,6 +168,25 @@ class ServerConfig:
     """With auth off: distinct tenant names taken from the ``tenant`` metadata key (HTTP:
     X-Tenant header) before further names all count as the tenant ``other`` (bounds the metrics'
     labels and the batcher's state)."""
+    # ---------------------------------------------------------------- model versions, reload
+    admin_token_file: str = ""
+    """File of admin bearer tokens, one per line (env RLHF_ADMIN_TOKENS adds comma-separated):
+    turns on AdminService (ReloadModel). Off when empty. The scoring tokens are never admin
+    tokens (the server refuses to start when a token is in both)."""
+    reload_transition_s: float = 300.0
+    """After a reload, how long the old version keeps answering requests pinned to it (then
+    they get FAILED_PRECONDITION); 0 = drop it once its in-flight requests finish."""
+    telemetry: bool = True
+    """Reward-hacking telemetry: per reward model and tenant, a sliding window of the scores
+    (distribution, score-length correlation, member rank correlation, drift from the first
+    window) for GetStats, ``reward-server info --stats`` and /metrics (docs/DEPLOY.md)."""
+    telemetry_window_items: int = 1000
+    """Telemetry window: the last this many scored items per model and tenant."""
+    telemetry_window_seconds: float = 0.0
+    """Telemetry window: only the items of the last this many seconds (0 = no time limit)."""
+    telemetry_max_tenants: int = 16
+    """Distinct tenants with their own telemetry windows and metric labels; later ones share
+    the tenant ``_other`` (bounded label cardinality)."""
 
     # ---------------------------------------------------------------- checks
     def validate(self) -> None:
@@ -249,7 +268,17 @@ class ServerConfig:
             not self.tls_client_ca or bool(self.tls_cert),
             "tls_client_ca (mutual TLS) needs tls_cert and tls_key",
         )
-        for key in ("tls_cert", "tls_key", "tls_client_ca", "auth_token_file"):
+        require(
+            math.isfinite(self.reload_transition_s) and self.reload_transition_s >= 0,
+            "reload_transition_s must be >= 0",
+        )
+        require(self.telemetry_window_items >= 2, "telemetry_window_items must be >= 2")
+        require(
+            math.isfinite(self.telemetry_window_seconds) and self.telemetry_window_seconds >= 0,
+            "telemetry_window_seconds must be >= 0 (0 = no time limit)",
+        )
+        require(self.telemetry_max_tenants >= 1, "telemetry_max_tenants must be >= 1")
+        for key in ("tls_cert", "tls_key", "tls_client_ca", "auth_token_file", "admin_token_file"):
             val = getattr(self, key)
             require(not val or os.path.isfile(val), f"{key}: file {val!r} does not exist")
         if self.backend == "onnx":
@@ -356,6 +385,22 @@ class ServerConfig:
     def quotas(self) -> dict[str, int]:
         """tenant_quotas as numbers (validated)."""
         return {name: int(q) for name, q in self.tenant_quotas.items()}
+
+    def admin_tokens(self) -> list[str]:
+        """Admin bearer tokens from admin_token_file and RLHF_ADMIN_TOKENS (never logged);
+        ConfigError when one of them is also a scoring token."""
+        tokens: list[str] = []
+        if self.admin_token_file:
+            tokens += [t.strip() for t in Path(self.admin_token_file).read_text().splitlines()]
+        tokens += os.environ.get("RLHF_ADMIN_TOKENS", "").split(",")
+        tokens = [t for t in tokens if t]
+        if set(tokens) & set(self.auth_tokens()):
+            raise ConfigError(
+                "admin_token_file: a token is both an admin and a scoring token; admin tokens "
+                "must differ from the scoring tokens",
+                key="admin_token_file",
+            )
+        return tokens
 
 
 def parse_named(

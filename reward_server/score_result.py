@@ -20,3 +20,6 @@ class ScoreResult:
     """Whether the input was cut to the model's limit."""
     normalized_score: float | None = None
     """(score - mean) / std with the checkpoint's statistics; None without them."""
+    model_version: str = ""
+    """The version of the model (or combination) that answered (client side; "" from an older
+    server)."""

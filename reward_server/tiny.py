@@ -188,7 +188,13 @@ def build_tiny_llama(
 
 
 def build_tiny_bert_rm(
-    out_dir: str | Path, *, hidden: int = 32, n_layer: int = 2, seed: int = 0
+    out_dir: str | Path,
+    *,
+    hidden: int = 32,
+    n_layer: int = 2,
+    seed: int = 0,
+    n_head: int = 2,
+    max_positions: int = 256,
 ) -> Path:
     """A BERT-shaped reward model (bidirectional encoder, one output) whose tokenizer encodes text
     pairs as ``[CLS] prompt [SEP] completion [SEP]`` with segment ids 0/1: the input format of
@@ -220,7 +226,7 @@ def build_tiny_bert_rm(
         sep_token="[SEP]",
         pad_token="[PAD]",
         unk_token="[UNK]",
-        model_max_length=256,
+        model_max_length=max_positions,
         model_input_names=["input_ids", "token_type_ids", "attention_mask"],
     )
     torch.manual_seed(seed)
@@ -229,9 +235,9 @@ def build_tiny_bert_rm(
             vocab_size=len(fast),
             hidden_size=hidden,
             num_hidden_layers=n_layer,
-            num_attention_heads=2,
+            num_attention_heads=n_head,
             intermediate_size=hidden * 2,
-            max_position_embeddings=256,
+            max_position_embeddings=max_positions,
             type_vocab_size=2,
             num_labels=1,
             pad_token_id=fast.pad_token_id,

@@ -72,7 +72,7 @@ def plot_curves(metrics: list[dict[str, Any]], path: Path, title: str) -> None:
     kl = [m["kl_mean"] for m in metrics]
     prox = [m["reward_mean"] for m in metrics]
     gold = [m.get("gold_reward_mean", float("nan")) for m in metrics]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4))
     ax = axes[0]
     ax.plot(kl, prox, "o-", ms=3, label="proxy (reward model)")
     ax.plot(kl, gold, "s-", ms=3, label="gold")
@@ -91,6 +91,22 @@ def plot_curves(metrics: list[dict[str, Any]], path: Path, title: str) -> None:
     ax.legend(loc="upper left")
     ax.grid(alpha=0.3)
     ax.set_title("over iterations")
+    ax = axes[2]  # the trainer's reward-hacking telemetry (metrics.jsonl telemetry/...)
+
+    def series(key: str) -> list[float]:
+        return [float("nan") if m.get(key) is None else m[key] for m in metrics]
+
+    ax.plot(it, series("telemetry/length_corr"), label="corr(score, length)")
+    ax.set_ylim(-1.05, 1.05)
+    ax.set_ylabel("Pearson r")
+    ax2 = ax.twinx()
+    ax2.plot(it, series("telemetry/score_drift_sigma"), color="C3", label="score drift")
+    ax2.set_ylabel("score drift (first-iteration sigmas)")
+    ax.set_xlabel("PPO iteration")
+    ax.legend(loc="upper left", fontsize=8)
+    ax2.legend(loc="lower right", fontsize=8)
+    ax.grid(alpha=0.3)
+    ax.set_title("reward-hacking telemetry")
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

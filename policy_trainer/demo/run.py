@@ -216,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
         metrics = [
             json.loads(line) for line in (out / "ppo" / "metrics.jsonl").read_text().splitlines()
         ]
+        # the server's telemetry window of the PPO run (before best-of-n and DPO score too)
+        server_stats = server_telemetry(client)
 
         from policy_trainer.checkpoint import latest_checkpoint
         from policy_trainer.demo import methods
@@ -299,6 +301,7 @@ def main(argv: list[str] | None = None) -> int:
         "best_of_n": bon,
         "dpo": points["dpo"],
         "comparison": methods.compare_methods(bon, points, metrics),
+        "telemetry": telemetry_summary(metrics, server_stats),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     (out / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
@@ -319,6 +322,42 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if code == 0 else 1
 
 
+TELEMETRY_KEYS = ("score_mean", "score_std", "length_corr", "score_drift_sigma")
+"""The trainer's reward-hacking figures (metrics.jsonl keys ``telemetry/...``) in the summary."""
+
+
+def server_telemetry(client: Any) -> dict[str, Any]:
+    """The server's telemetry window of the reward model (GetStats): its last items' figures."""
+    resp = client.stats(model="rm")
+    if not resp.windows:
+        return {}
+    w = resp.windows[0]
+    return {
+        "window_items": w.window_items,
+        "total_items": w.total_items,
+        "score_mean": w.score_mean,
+        "baseline_mean": w.baseline_mean,
+        "drift_sigma": w.drift_sigma,
+        "length_correlation": w.length_correlation,
+    }
+
+
+def telemetry_summary(metrics: list[dict[str, Any]], server: dict[str, Any]) -> dict[str, Any]:
+    """The reward-hacking figures at the start of PPO (mean of the first 5 iterations) and at
+    its end (the last 5), from the trainer's metrics.jsonl, and the server's window."""
+
+    def mean(rows: list[dict[str, Any]], key: str) -> float | None:
+        vals = [m[key] for m in rows if m.get(key) is not None]
+        return sum(vals) / len(vals) if vals else None
+
+    out: dict[str, Any] = {}
+    for key in TELEMETRY_KEYS:
+        out[f"{key}_first"] = mean(metrics[:5], f"telemetry/{key}")
+        out[f"{key}_final"] = mean(metrics[-5:], f"telemetry/{key}")
+    out["server"] = server
+    return out
+
+
 def print_report(s: dict[str, Any], out: Path) -> None:
     """The before/after table."""
     rows = [
@@ -333,6 +372,19 @@ def print_report(s: dict[str, Any], out: Path) -> None:
     for name, a, b in rows:
         print(f"{name:34s}{a:12.3f}{b:14.3f}")
     print(f"{'gold win-rate of final vs SFT':34s}{'':12s}{s['gold_win_rate_vs_sft']:14.3f}")
+    t = s["telemetry"]
+    print(f"{'reward-hacking telemetry (trainer)':34s}{'first 5 it.':>12s}{'last 5 it.':>14s}")
+    for key in TELEMETRY_KEYS:
+        a, b = t[f"{key}_first"], t[f"{key}_final"]
+        fa = "-" if a is None else f"{a:.3f}"
+        fb = "-" if b is None else f"{b:.3f}"
+        print(f"{'  ' + key:34s}{fa:>12s}{fb:>14s}")
+    if t["server"]:
+        sv = t["server"]
+        print(
+            f"server window (last {sv['window_items']} of {sv['total_items']} PPO items): "
+            f"length corr {sv['length_correlation']:.3f}, drift {sv['drift_sigma']:.2f} sigma"
+        )
     print(
         f"reward model held-out accuracy {s['rm_heldout_accuracy']:.3f} (Bayes ceiling {s['rm_bayes_ceiling']:.3f}), "
         f"loss {s['rm_heldout_loss']:.3f} (ln 2 = 0.693)"

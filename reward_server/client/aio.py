@@ -7,7 +7,9 @@ from typing import Any
 
 import grpc
 
+from reward_server.api.rlhf.v1 import reward_service_pb2_grpc as pb_grpc
 from reward_server.client import core
+from reward_server.client.stream_mux import ScoreStreamMux
 
 
 class AsyncRewardClient(core.ClientBase):
@@ -26,6 +28,8 @@ class AsyncRewardClient(core.ClientBase):
         """Close every channel; calls in flight give up at their next retry."""
         self._closed = True
         self._closing.set()
+        for m in self._muxes.values():
+            await m.close()
         for c in self._channels:
             await c.close()
 
@@ -51,6 +55,10 @@ class AsyncRewardClient(core.ClientBase):
         return None
 
     async def _one(self, method: str, request: Any, target: int, timeout: float) -> Any:
+        if self._score_stream and method == "Score":
+            if self._closed:
+                return core.CLOSED
+            return await self._mux(target).score(request, timeout)
         try:
             return await self._rpcs[target][method](
                 request, timeout=timeout, metadata=self._metadata
@@ -59,6 +67,14 @@ class AsyncRewardClient(core.ClientBase):
             return core.failure(err)
         except (ValueError, grpc.aio.UsageError):  # the channel was closed
             return core.CLOSED
+
+    def _mux(self, target: int) -> ScoreStreamMux:
+        """The ScoreStream multiplexer of channel `target` (made on first use, in this loop)."""
+        mux = self._muxes.get(target)
+        if mux is None:
+            stub = pb_grpc.RewardServiceStub(self._channels[target])
+            mux = self._muxes[target] = ScoreStreamMux(stub.ScoreStream, self._metadata)
+        return mux
 
     async def _check(self, op: core.Check) -> str:
         try:
@@ -72,7 +88,7 @@ class AsyncRewardClient(core.ClientBase):
         return core.status_name(resp)
 
 
-# The public methods (score, score_messages, score_ids, reference_logprobs, server_info, health,
+# The public methods (score, score_messages, score_ids, reference_logprobs, server_info, stats, health,
 # wait_until_ready), derived from the core's one definition of each.
 for _name, _method in core.face_methods(blocking=False).items():
     setattr(AsyncRewardClient, _name, _method)

@@ -96,7 +96,7 @@ class RewardClient(ClientBase):
         return status_name(resp)
 
 
-# The public methods (score, score_messages, score_ids, reference_logprobs, server_info, health,
+# The public methods (score, score_messages, score_ids, reference_logprobs, server_info, stats, health,
 # wait_until_ready), derived from the core's one definition of each.
 for _name, _method in face_methods(blocking=True).items():
     setattr(RewardClient, _name, _method)

@@ -11,7 +11,7 @@ import grpc
 
 from reward_server.client.retry import RetryPolicy
 
-METHODS = ("Score", "ReferenceLogProbs", "GetServerInfo")
+METHODS = ("Score", "ReferenceLogProbs", "GetServerInfo", "GetStats")
 """The RewardService RPCs the client calls."""
 
 

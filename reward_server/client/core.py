@@ -121,13 +121,21 @@ class ClientBase:
         token: str | None = None,
         max_message_mb: int = 64,
         tenant: str | None = None,
+        score_stream: bool = False,
     ) -> None:
         """Connect to ``address``: ``host:port``, ``"h1:p,h2:p"`` (failover between them) or a
         gRPC name such as ``dns:///svc:50051`` (round_robin over what it resolves to). The
         retry parameters are those of `RetryPolicy`; TLS when ``tls_ca`` or ``tls_cert`` is given;
         ``token`` (default: env ``RLHF_AUTH_TOKEN``) is sent as a bearer token on every call;
         ``tenant`` as the ``tenant`` metadata key, which names the caller's tenant on a server
-        without auth (with auth the token's name is the tenant and the key is ignored)."""
+        without auth (with auth the token's name is the tenant and the key is ignored).
+        ``score_stream`` (asyncio client only) sends Score requests over one long-lived
+        ScoreStream per server instead of one call each (`reward_server.client.stream_mux`:
+        less CPU per request on both sides, for many small concurrent requests)."""
+        if score_stream and self._grpc is grpc:
+            raise ValueError("score_stream needs the asyncio client (AsyncRewardClient)")
+        self._score_stream = score_stream
+        self._muxes: dict[int, Any] = {}
         self._targets = split_targets(address)
         self.retry_policy = RetryPolicy(
             len(self._targets), timeout, max_retries, backoff_base, backoff_max, budget_seconds
@@ -163,9 +171,13 @@ class Api:
         model: str = "",
         truncation: str = "",
         timeout: float | None = None,
+        model_version: str = "",
     ) -> Steps[list[ScoreResult]]:
-        """Score (prompt, completion) pairs (or dicts); results in input order."""
-        return (yield from _score(self, score_items(pairs), model, truncation, timeout))
+        """Score (prompt, completion) pairs (or dicts); results in input order, each with the
+        `model_version` that answered. `model_version` pins the version: another one is
+        FAILED_PRECONDITION naming both."""
+        items = score_items(pairs)
+        return (yield from _score(self, items, model, truncation, timeout, "", model_version))
 
     def score_messages(
         self,
@@ -174,9 +186,12 @@ class Api:
         model: str = "",
         truncation: str = "",
         timeout: float | None = None,
+        model_version: str = "",
     ) -> Steps[list[ScoreResult]]:
-        """Score chat conversations rendered with the reward model's chat template."""
-        return (yield from _score(self, message_items(conversations), model, truncation, timeout))
+        """Score chat conversations rendered with the reward model's chat template
+        (`model_version`: an optional pin, as in `score`)."""
+        items = message_items(conversations)
+        return (yield from _score(self, items, model, truncation, timeout, "", model_version))
 
     def score_ids(
         self,
@@ -186,15 +201,21 @@ class Api:
         model: str = "",
         truncation: str = "",
         timeout: float | None = None,
+        model_version: str = "",
     ) -> Steps[list[ScoreResult]]:
         """Score token id sequences exactly as given (no decode, no re-tokenisation, no
         template; truncation still applies); `tokenizer_fingerprint` is that of the tokenizer
         that produced them (`reward_server.fingerprint`) and must be the reward model's
-        (FAILED_PRECONDITION otherwise). Results in input order."""
+        (FAILED_PRECONDITION otherwise). Results in input order (`model_version`: an optional
+        pin, as in `score`)."""
         if not tokenizer_fingerprint:
             raise ValueError("score_ids needs the tokenizer_fingerprint of the ids' tokenizer")
         items = id_items(token_ids)
-        return (yield from _score(self, items, model, truncation, timeout, tokenizer_fingerprint))
+        return (
+            yield from _score(
+                self, items, model, truncation, timeout, tokenizer_fingerprint, model_version
+            )
+        )
 
     def reference_logprobs(
         self,
@@ -205,19 +226,38 @@ class Api:
         model: str = "",
         tokenizer_fingerprint: str | None = None,
         timeout: float | None = None,
+        model_version: str = "",
     ) -> Steps[list[np.ndarray]]:
-        """Per-token reference log-probs of positions response_start..len-1 (float32 arrays)."""
+        """Per-token reference log-probs of positions response_start..len-1 (float32 arrays).
+        `model_version` pins the reference model's version (FAILED_PRECONDITION naming both
+        when the server answers with another); `server_info()` lists the versions served."""
         if not token_ids:
             return []
         size = yield from _max_items(self)
         reqs = ref_requests(
-            token_ids, response_starts, temperature, model, tokenizer_fingerprint, size
+            token_ids,
+            response_starts,
+            temperature,
+            model,
+            tokenizer_fingerprint,
+            size,
+            model_version,
         )
         return parse_logprobs((yield from _call(self, "ReferenceLogProbs", reqs, timeout)))
 
     def server_info(self, timeout: float | None = None) -> Steps[pb.GetServerInfoResponse]:
         """Models, roles, limits, fingerprints."""
         return (yield from _server_info(self, timeout, True))
+
+    def stats(
+        self, *, model: str = "", tenant: str = "", timeout: float | None = None
+    ) -> Steps[pb.GetStatsResponse]:
+        """The server's reward-hacking telemetry (GetStats): per reward model and tenant, the
+        figures of its sliding window of scores; ``model`` / ``tenant`` filter them."""
+        (resp,) = yield from _call(
+            self, "GetStats", [pb.GetStatsRequest(model=model, tenant=tenant)], timeout
+        )
+        return resp
 
     def health(self, service: str = "", timeout: float = 5.0) -> Steps[str]:
         """SERVING when every address says SERVING; otherwise the first other answer: its
@@ -256,6 +296,7 @@ API = (
     "score_ids",
     "reference_logprobs",
     "server_info",
+    "stats",
     "health",
     "wait_until_ready",
 )
@@ -269,11 +310,12 @@ def _score(
     truncation: str,
     timeout: float | None,
     fingerprint: str = "",
+    model_version: str = "",
 ) -> Steps[list[ScoreResult]]:
     if not items:
         return []
     size = yield from _max_items(client)
-    reqs = score_requests(items, model, truncation, size, fingerprint)
+    reqs = score_requests(items, model, truncation, size, fingerprint, model_version)
     return parse_scores((yield from _call(client, "Score", reqs, timeout)))
 
 

@@ -70,9 +70,15 @@ def message_items(conversations: Iterable[Conversation]) -> list[pb.ScoreItem]:
 
 
 def score_requests(
-    items: list[pb.ScoreItem], model: str, truncation: str, size: int, fingerprint: str = ""
+    items: list[pb.ScoreItem],
+    model: str,
+    truncation: str,
+    size: int,
+    fingerprint: str = "",
+    model_version: str = "",
 ) -> list[pb.ScoreRequest]:
-    """ScoreRequests of at most `size` items each (`fingerprint`: of the items' token ids)."""
+    """ScoreRequests of at most `size` items each (`fingerprint`: of the items' token ids;
+    `model_version`: the pinned version, "" = any)."""
     if truncation not in TRUNCATION:
         raise ValueError(f"truncation={truncation!r}: expected one of {sorted(TRUNCATION)}")
     return [
@@ -81,6 +87,7 @@ def score_requests(
             items=items[a:b],
             truncation=TRUNCATION[truncation],
             tokenizer_fingerprint=fingerprint,
+            model_version=model_version,
         )
         for a, b in chunks(len(items), size)
     ]
@@ -93,8 +100,9 @@ def ref_requests(
     model: str,
     fingerprint: str | None,
     size: int,
+    model_version: str = "",
 ) -> list[pb.ReferenceLogProbsRequest]:
-    """ReferenceLogProbsRequests of at most `size` sequences each."""
+    """ReferenceLogProbsRequests of at most `size` sequences each (`model_version`: the pin)."""
     if len(token_ids) != len(response_starts):
         raise ValueError(f"{len(token_ids)} sequences but {len(response_starts)} response_starts")
     seqs = [
@@ -107,6 +115,7 @@ def ref_requests(
             temperature=temperature,
             tokenizer_fingerprint=fingerprint or "",
             sequences=seqs[a:b],
+            model_version=model_version,
         )
         for a, b in chunks(len(seqs), size)
     ]
@@ -121,6 +130,7 @@ def parse_scores(responses: Iterable[pb.ScoreResponse]) -> list[ScoreResult]:
             s.num_tokens,
             s.truncated,
             s.normalized_score if s.has_normalized_score else None,
+            resp.model_version,
         )
         for resp in responses
         for s in resp.scores

@@ -188,6 +188,8 @@ class DynamicBatcher:
         self._deficit: dict[str, float] = {}  # DRR deficit counter per queued tenant, tokens
         self._anchored: dict[str, int] = {}  # fair batch in which a queued tenant last anchored
         self._fair_batches = 0
+        # when set, refits overhead_tokens from the forwards run (calibration.OverheadLearner)
+        self.overhead_learner: Any = None
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -472,6 +474,8 @@ class DynamicBatcher:
             return
         seconds = time.monotonic() - start
         self._obs.on_batch(self.name, len(batch), real, padded, seconds)
+        if self.overhead_learner is not None:
+            self.overhead_tokens = self.overhead_learner.observe(padded, seconds)
         if len(results) != len(batch):
             self._fail(
                 batch,

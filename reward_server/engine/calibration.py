@@ -12,7 +12,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from typing import Any
 
@@ -98,10 +98,25 @@ def overhead_from_timings(
     """Fit ``seconds = c0 + c1 * padded_tokens`` through a big and a small batch and return
     ``c0 / c1``: a forward's fixed cost in tokens (infinite when the fit fails, which makes the
     batcher fill its budget)."""
-    if padded_big <= padded_small or t_big <= t_small:
+    return overhead_from_fit([(padded_small, t_small), (padded_big, t_big)])
+
+
+def overhead_from_fit(points: Sequence[tuple[int, float]]) -> float:
+    """Least-squares fit of ``seconds = c0 + c1 * padded_tokens`` through ``(padded_tokens,
+    seconds)`` points; returns ``c0 / c1``, a forward's fixed cost in tokens, clamped at 0
+    (infinite when the tokens do not explain the time: no spread in tokens, or a slope <= 0)."""
+    n = len(points)
+    if n < 2:
         return math.inf
-    c1 = (t_big - t_small) / (padded_big - padded_small)
-    return max(0.0, (t_small - c1 * padded_small) / c1)
+    mx = sum(x for x, _ in points) / n
+    my = sum(y for _, y in points) / n
+    var = sum((x - mx) ** 2 for x, _ in points)
+    if var <= 0:
+        return math.inf
+    c1 = sum((x - mx) * (y - my) for x, y in points) / var
+    if c1 <= 0:
+        return math.inf
+    return max(0.0, (my - c1 * mx) / c1)
 
 
 def padded_tokens(items: Sequence[Any]) -> int:
@@ -110,26 +125,109 @@ def padded_tokens(items: Sequence[Any]) -> int:
     return len(lengths) * max(lengths)
 
 
-async def measure_overhead_tokens(
-    runner: Any, big: list[Any], executor: Executor, streams: int
-) -> float:
-    """The fixed cost of one forward of `runner` in tokens: time the full batch `big` and a
-    one-item batch, each with `streams` forwards at once on `executor` (each forward then pays
-    for the cores and the interpreter lock it shares, as it will under load), and fit
-    `overhead_from_timings`. On a GPU the fixed cost dominates, so batches fill; on a CPU it is
-    small, so the batcher keeps batches short and tight (docs/BENCHMARKS.md)."""
-    loop = asyncio.get_running_loop()
-    small = runner.warmup_items(64, 1)
+CALIBRATION_LENGTH = 64
+"""Tokens per item of the calibration batches (or the model's maximum length, when shorter)."""
+CALIBRATION_SIZES = (1, 2, 4, 8)
+"""Items per calibration batch: the sizes the cost-aware window chooses between on a CPU."""
+CALIBRATION_ROUNDS = 5
+"""Each size is timed this many times, interleaved; the fastest of each is kept."""
 
-    async def best_of(items: list[Any], n: int) -> float:
-        best = math.inf
-        for _ in range(n):
+
+def calibration_batches(runner: Any, max_tokens: int, max_items: int) -> list[list[Any]]:
+    """Batches of 1, 2, 4, 8 items of one length (`CALIBRATION_LENGTH`, no shared prefix),
+    within the budget and the item cap."""
+    out = []
+    for n in CALIBRATION_SIZES:
+        items = runner.warmup_items(CALIBRATION_LENGTH * n, n)
+        if len(items) != n or n > max_items or padded_tokens(items) > max_tokens:
+            break
+        out.append(items)
+    return out
+
+
+def fastest_times(
+    time_batch: Callable[[list[Any]], float], batches: list[list[Any]]
+) -> list[float]:
+    """`time_batch` each batch `CALIBRATION_ROUNDS` times, round-robin (so a burst of load on a
+    shared machine hits every size, not one), keeping each batch's fastest time."""
+    best = [math.inf] * len(batches)
+    for _ in range(CALIBRATION_ROUNDS):
+        for i, items in enumerate(batches):
+            best[i] = min(best[i], time_batch(items))
+    return best
+
+
+async def measure_overhead_tokens(
+    runner: Any, max_tokens: int, max_items: int, executor: Executor, streams: int
+) -> float:
+    """The fixed cost of one forward of `runner` in tokens. Batches of 1, 2, 4 and 8 items of
+    one length (`calibration_batches`) are timed, each with `streams` forwards at once on
+    `executor` (each forward then pays for the cores and the interpreter lock it shares, as it
+    will under load), fastest of `CALIBRATION_ROUNDS` interleaved rounds, and
+    ``seconds = c0 + c1 * padded_tokens`` is fitted through them (`overhead_from_fit`).
+
+    The sizes are the ones the cost-aware window chooses between on a CPU: a full-budget batch
+    is slower per token than a few items on a CPU (caches), so fitting through it understated
+    the fixed cost, down to 0 on a loaded machine (then no two single-item requests shared a
+    forward); one timing per size made that worse. On a GPU the fixed cost dominates and the
+    batcher fills its budget without measuring (docs/BENCHMARKS.md)."""
+    loop = asyncio.get_running_loop()
+    batches = calibration_batches(runner, max_tokens, max_items)
+    best = [math.inf] * len(batches)
+    for _ in range(CALIBRATION_ROUNDS):
+        for i, items in enumerate(batches):
             t = time.perf_counter()
             await asyncio.gather(
                 *(loop.run_in_executor(executor, runner.forward, items) for _ in range(streams))
             )
-            best = min(best, time.perf_counter() - t)
-        return best
+            best[i] = min(best[i], time.perf_counter() - t)
+    return overhead_from_fit([(padded_tokens(b), t) for b, t in zip(batches, best, strict=True)])
 
-    t_big, t_small = await best_of(big, 1), await best_of(small, 3)
-    return overhead_from_timings(t_big, padded_tokens(big), t_small, padded_tokens(small))
+
+class OverheadLearner:
+    """Refits a forward's fixed cost (in tokens) from the forwards a batcher actually runs, so
+    the cost-aware window follows the machine after warm-up: on a shared CPU the warm-up's
+    timings may come from a quiet or a busy moment, and the fixed cost of a forward (Python
+    and kernel launches, which padding does not change) moves with the load.
+
+    Each forward gives a point (padded tokens, seconds). Points are kept for the last `window`
+    forwards, grouped by padded tokens into powers-of-two buckets, and every `every` forwards
+    ``seconds = c0 + c1 * padded_tokens`` is fitted through each bucket's median (a burst of
+    contention moves a median little; the buckets weigh rare and common sizes alike). A fit
+    needs two buckets; one that fails (no spread, slope <= 0) keeps the last value.
+    """
+
+    def __init__(self, initial: float, window: int = 256, every: int = 32) -> None:
+        self.value = initial
+        self.window = window
+        self.every = every
+        self._points: list[tuple[int, float]] = []
+        self._seen = 0
+
+    def observe(self, padded: int, seconds: float) -> float:
+        """Record one forward; returns the fixed cost to use from now on."""
+        self._points.append((padded, seconds))
+        if len(self._points) > self.window:
+            del self._points[: len(self._points) - self.window]
+        self._seen += 1
+        if self._seen % self.every == 0:
+            fitted = overhead_from_fit(bucket_medians(self._points))
+            if math.isfinite(fitted):
+                if abs(fitted - self.value) > 0.25 * max(self.value, 1.0):
+                    log.debug("fixed cost refitted: %.0f -> %.0f tokens", self.value, fitted)
+                self.value = fitted
+        return self.value
+
+
+def bucket_medians(points: Sequence[tuple[int, float]]) -> list[tuple[int, float]]:
+    """Points grouped by padded tokens into powers-of-two buckets: each bucket's median tokens
+    and median seconds."""
+    buckets: dict[int, list[tuple[int, float]]] = {}
+    for x, y in points:
+        buckets.setdefault(max(1, x).bit_length(), []).append((x, y))
+    out = []
+    for pts in buckets.values():
+        xs = sorted(x for x, _ in pts)
+        ys = sorted(y for _, y in pts)
+        out.append((xs[len(xs) // 2], ys[len(ys) // 2]))
+    return out

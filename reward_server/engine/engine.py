@@ -10,11 +10,14 @@ Imports no grpc."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -40,6 +43,44 @@ class ScoreItemInput(ScoreInput):
     safety_prompt: bool = False
     """The item's prompt is a safety prompt (the ``safety_gate`` rule scores it with the safety
     model whatever its score)."""
+
+
+@dataclass(eq=False)
+class Served:
+    """One loaded version of a model: its runner, its batcher and its version. A request takes the
+    `Served` of its model once, at admission, and uses it to the end, so a reload never moves it
+    to another version. `users` counts the requests using it; a retired version (replaced by a
+    reload) answers requests pinned to it until `expires`, then stops once `users` is 0."""
+
+    name: str
+    runner: Any
+    batcher: DynamicBatcher
+    version: str
+    users: int = 0
+    expires: float = math.inf
+
+
+@dataclass
+class RetiredCombination:
+    """A combination's version from before a reload of one of its members: the member versions
+    it stands for, answering pinned requests until `expires`."""
+
+    version: str
+    members: dict[str, str] = field(default_factory=dict)
+    expires: float = math.inf
+
+
+@dataclass
+class ReloadResult:
+    """What `Engine.reload` did."""
+
+    model: str
+    old_version: str
+    new_version: str
+    status: str  # reloaded | unchanged
+    source: str
+    load_seconds: float
+    transition_seconds: float
 
 
 @dataclass
@@ -78,6 +119,14 @@ class Engine:
         self.observer = observer
         self.registry = ModelRegistry(config)
         self.batchers: dict[str, DynamicBatcher] = {}
+        """The current version's batcher of each model (mirrors `served`)."""
+        self.served: dict[str, Served] = {}
+        """The current version of each reward and reference model."""
+        self.retired: dict[str, list[Served]] = {}
+        """Versions replaced by a reload, still answering pinned requests in their window."""
+        self.retired_combinations: dict[str, list[RetiredCombination]] = {}
+        self._reload_lock: asyncio.Lock | None = None
+        self._retiring: set[asyncio.Task] = set()
         self.device = "cpu"
         self.max_batch_tokens = 0
         self.streams = 1
@@ -106,31 +155,38 @@ class Engine:
     def start(self) -> None:
         """Create the device's forward streams (worker threads) and one batcher per model (on
         the running loop)."""
-        cfg = self.config
         self._worker = ThreadPoolExecutor(self.streams, thread_name_prefix=f"forward-{self.device}")
-        # the batcher's settings that are config keys of the same name
-        same = ("max_batch_items", "max_wait_ms", "skip_wait_when_idle", "max_queue_items")
-        settings = {key: getattr(cfg, key) for key in same}
-        on_groups = getattr(self.observer, "on_prefix_groups", None)
+        self._reload_lock = asyncio.Lock()
         for name, runner in self.registry.runners().items():
-            if on_groups is not None and getattr(runner, "prefix_sharing", False):
-                runner.on_sharing = _sharing_reporter(on_groups)
-            b = DynamicBatcher(
-                name,
-                one_at_a_time(runner.forward) if cfg.batch_invariant else runner.forward,
-                self._worker,
-                max_batch_tokens=self.max_batch_tokens,
-                max_inflight=self.streams,
-                observer=self.observer,
-                tenant_shares=cfg.shares(),
-                tenant_max_queued_items=cfg.tenant_max_queued_items,
-                tenant_quotas=cfg.quotas(),
-                **settings,
-            )
+            b = self._batcher(name, runner)
             if self.overhead_tokens is not None:  # set, or CUDA's; else measured at warm-up
                 b.overhead_tokens = self.overhead_tokens
             b.start()
             self.batchers[name] = b
+            self.served[name] = Served(name, runner, b, self.registry.versions[name])
+
+    def _batcher(self, name: str, runner: Any) -> DynamicBatcher:
+        """A (not yet started) batcher for one runner, with the configured settings."""
+        cfg = self.config
+        # the batcher's settings that are config keys of the same name
+        same = ("max_batch_items", "max_wait_ms", "skip_wait_when_idle", "max_queue_items")
+        settings = {key: getattr(cfg, key) for key in same}
+        on_groups = getattr(self.observer, "on_prefix_groups", None)
+        if on_groups is not None and getattr(runner, "prefix_sharing", False):
+            runner.on_sharing = _sharing_reporter(on_groups)
+        assert self._worker is not None, "start() first"
+        return DynamicBatcher(
+            name,
+            one_at_a_time(runner.forward) if cfg.batch_invariant else runner.forward,
+            self._worker,
+            max_batch_tokens=self.max_batch_tokens,
+            max_inflight=self.streams,
+            observer=self.observer,
+            tenant_shares=cfg.shares(),
+            tenant_max_queued_items=cfg.tenant_max_queued_items,
+            tenant_quotas=cfg.quotas(),
+            **settings,
+        )
 
     async def warmup(self) -> None:
         """One largest-batch forward per model (docs/ARCHITECTURE.md, "Lifecycle"), then, unless
@@ -146,19 +202,26 @@ class Engine:
             if self.overhead_tokens is not None:
                 continue
             overhead = await calibration.measure_overhead_tokens(
-                runner, items, self._worker, self.streams
+                runner, self.max_batch_tokens, cfg.max_batch_items, self._worker, self.streams
             )
             self.batchers[name].overhead_tokens = overhead
+            # refitted from the forwards served from now on (calibration.OverheadLearner)
+            self.batchers[name].overhead_learner = calibration.OverheadLearner(overhead)
             log.info("model %r: a forward's fixed cost is %.0f tokens' worth", name, overhead)
 
     def close(self) -> None:
         """Refuse new work; queued work still completes."""
-        for b in self.batchers.values():
+        for b in self._all_batchers():
             b.close()
 
+    def _all_batchers(self) -> list[DynamicBatcher]:
+        return [*self.batchers.values(), *(s.batcher for v in self.retired.values() for s in v)]
+
     async def stop(self) -> None:
-        """Stop the batchers and the worker threads."""
-        for b in self.batchers.values():
+        """Stop the batchers (retired versions' too) and the worker threads."""
+        for t in list(self._retiring):
+            t.cancel()
+        for b in self._all_batchers():
             await b.stop()
         if self._worker is not None:
             self._worker.shutdown(wait=False, cancel_futures=True)
@@ -199,11 +262,14 @@ class Engine:
         truncation: str,
         deadline: float | None,
         fingerprint: str = "",
+        model_version: str = "",
         tenant: str = DEFAULT_TENANT,
-    ) -> tuple[str, list[ScoreResult], Timing]:
-        """Score items with a reward model or a combination. Items may carry token ids instead of
-        text (all or none of them), with `fingerprint` the tokenizer's that produced them.
-        `tenant` is the caller's (fair scheduling and quotas in the batcher)."""
+    ) -> tuple[str, list[ScoreResult], Timing, str]:
+        """Score items with a reward model or a combination: (name, results, timing, version
+        that answered). Items may carry token ids instead of text (all or none of them), with
+        `fingerprint` the tokenizer's that produced them; `model_version`, when set, pins the
+        version (FAILED_PRECONDITION when it is not served); `tenant` is the caller's (fair
+        scheduling and quotas in the batcher)."""
         t0 = time.monotonic()
         self._check_count(len(items), "items")
         name = self.registry.resolve(model, "reward")
@@ -211,9 +277,11 @@ class Engine:
         truncation = truncation or self.config.truncation
         if name in self.registry.combinations:
             comb = self.registry.combinations[name]
-            parts = await asyncio.gather(
-                *(self._score_one(m, items, truncation, deadline, tenant) for m in comb.members)
-            )
+            version, members = self._admit_combination(name, model_version)
+            with _using(members):
+                parts = await asyncio.gather(
+                    *(self._score_one(m, items, truncation, deadline, tenant) for m in members)
+                )
             results = []
             for i in range(len(items)):
                 per = {m: parts[k][0][i].score for k, m in enumerate(comb.members)}
@@ -242,19 +310,22 @@ class Engine:
                 }
             )
         else:
-            results, timing = await self._score_one(name, items, truncation, deadline, tenant)
+            served = self._admit(name, model_version)
+            version = served.version
+            with _using([served]):
+                results, timing = await self._score_one(served, items, truncation, deadline, tenant)
         timing.total = time.monotonic() - t0
-        return name, results, timing
+        return name, results, timing, version
 
     async def _score_one(
         self,
-        name: str,
+        served: Served,
         items: list[ScoreInput],
         truncation: str,
         deadline: float | None,
         tenant: str = DEFAULT_TENANT,
     ) -> tuple[list[ScoreResult], Timing]:
-        runner = self.registry.rewards[name]
+        runner = served.runner
         t0 = time.monotonic()
         if _text_chars(items) <= self.config.inline_tokenize_chars:
             # a short request costs less to tokenise here (~0.15 ms per 100-token item) than the
@@ -271,7 +342,7 @@ class Engine:
             lengths = batch_lengths(ids, [runner.share_limit(s) for s in ids])
         else:
             lengths = [len(s) for s in ids]
-        sub = await self.batchers[name].submit(encoded, lengths, deadline, tenant)
+        sub = await served.batcher.submit(encoded, lengths, deadline, tenant)
         results = []
         for enc, values in zip(encoded, sub.results, strict=True):
             score = runner.combine(values)
@@ -295,13 +366,17 @@ class Engine:
         temperature: float,
         fingerprint: str,
         deadline: float | None,
+        model_version: str = "",
         tenant: str = DEFAULT_TENANT,
-    ) -> tuple[str, list[np.ndarray], Timing]:
-        """Per-token log-probs of the response positions of each sequence (for `tenant`)."""
+    ) -> tuple[str, list[np.ndarray], Timing, str]:
+        """Per-token log-probs of the response positions of each sequence: (name, arrays,
+        timing, version that answered); `model_version` pins the version as in `score`;
+        `tenant` is the caller's."""
         t0 = time.monotonic()
         self._check_count(len(seqs), "sequences")
         name = self.registry.resolve(model, "reference")
-        runner = self.registry.references[name]
+        served = self._admit(name, model_version)
+        runner = served.runner
         temp = validate_temperature(temperature)
         if fingerprint and fingerprint != runner.fingerprint:
             raise FailedPrecondition(
@@ -313,7 +388,8 @@ class Engine:
             s.temperature = temp
         ids = [s.token_ids for s in seqs]
         lengths = batch_lengths(ids) if runner.prefix_sharing else [len(s) for s in ids]
-        sub = await self.batchers[name].submit(seqs, lengths, deadline, tenant)
+        with _using([served]):
+            sub = await served.batcher.submit(seqs, lengths, deadline, tenant)
         return (
             name,
             sub.results,
@@ -322,4 +398,173 @@ class Engine:
                 inference=sub.inference_seconds,
                 total=time.monotonic() - t0,
             ),
+            served.version,
         )
+
+    # ------------------------------------------------------------------ versions
+    def _admit(self, name: str, pin: str) -> Served:
+        """The version of model `name` a request uses: the current one, or with a `pin` that
+        version (current, or retired and inside its transition window); FAILED_PRECONDITION
+        naming both versions otherwise."""
+        cur = self.served[name]
+        if not pin or pin == cur.version:
+            return cur
+        now = time.monotonic()
+        for old in self.retired.get(name, ()):
+            if old.version == pin and now < old.expires:
+                return old
+        raise FailedPrecondition(_mismatch(name, pin, cur.version))
+
+    def _admit_combination(self, name: str, pin: str) -> tuple[str, list[Served]]:
+        """A combination's version and its members' `Served`, as `_admit` for one model."""
+        comb = self.registry.combinations[name]
+        current = self.registry.combination_version(name)
+        if not pin or pin == current:
+            return current, [self._admit(m, "") for m in comb.members]
+        now = time.monotonic()
+        for old in self.retired_combinations.get(name, ()):
+            if old.version == pin and now < old.expires:
+                try:
+                    return pin, [self._admit(m, old.members[m]) for m in comb.members]
+                except FailedPrecondition:
+                    break  # a member's old version is gone already
+        raise FailedPrecondition(_mismatch(name, pin, current))
+
+    def model_version(self, name: str) -> str:
+        """The current version of a served model or combination."""
+        if name in self.registry.combinations:
+            return self.registry.combination_version(name)
+        return self.served[name].version
+
+    async def reload(self, name: str, source: str = "") -> ReloadResult:
+        """Load a new version of reward or reference model `name` from `source` ("" = its
+        current source, re-read) next to the serving one, warm it up, then make it the current
+        version in one step of the event loop. Requests admitted before keep the old version;
+        the old version answers requests pinned to it for `reload_transition_s`, then stops.
+        Hashing, loading and the warm-up forward run on a thread, never on the event loop.
+
+        Returns status ``unchanged`` (nothing loaded) when the source hashes to the serving
+        version. A combination is refused (FAILED_PRECONDITION: reload its members); a failed
+        load is FAILED_PRECONDITION with the reason and leaves the old version serving. Reloads
+        run one at a time."""
+        role = self.registry.role_of(name)
+        if role == "combination":
+            members = ", ".join(self.registry.combinations[name].members)
+            raise FailedPrecondition(
+                f"{name!r} is a combination; reload its member models instead ({members})"
+            )
+        assert self._reload_lock is not None, "start() first"
+        async with self._reload_lock:
+            return await self._reload(name, role, source)
+
+    async def _reload(self, name: str, role: str, source: str) -> ReloadResult:
+        cfg = self.config
+        sources = cfg.reward_models if role == "reward" else cfg.reference_models
+        source = source or sources[name]
+        cur = self.served[name]
+        window = cfg.reload_transition_s
+        loop = asyncio.get_running_loop()
+        t0 = time.monotonic()
+        try:
+            version = await loop.run_in_executor(None, self.registry.version_of, name, source)
+            if version == cur.version:
+                sources[name] = source
+                log.info("reload of %r from %s: version %s unchanged", name, source, version)
+                return ReloadResult(
+                    name, cur.version, version, "unchanged", source, time.monotonic() - t0, 0.0
+                )
+            runner = await loop.run_in_executor(None, self._load_warm, role, name, source)
+        except Exception as exc:  # ModelLoadError, OSError, a bad config...: the old one stays
+            log.error(
+                "reload of %r from %s failed; version %s keeps serving: %s",
+                name,
+                source,
+                cur.version,
+                exc,
+            )
+            raise FailedPrecondition(
+                f"reload of model {name!r} from {source!r} failed, version {cur.version} keeps "
+                f"serving: {type(exc).__name__}: {exc}"
+            ) from exc
+        batcher = self._batcher(name, runner)
+        batcher.overhead_tokens = cur.batcher.overhead_tokens  # same device, same shape of cost
+        batcher.start()
+        new = Served(name, runner, batcher, version)
+        # The switch: no await from here to the return, so no request sees half of it.
+        now = time.monotonic()
+        for cname, comb in self.registry.combinations.items():
+            if name in comb.members:
+                old_members = {m: self.served[m].version for m in comb.members}
+                self.retired_combinations.setdefault(cname, []).append(
+                    RetiredCombination(
+                        self.registry.combination_version(cname, old_members),
+                        old_members,
+                        now + window,
+                    )
+                )
+        cur.expires = now + window
+        self.retired.setdefault(name, []).append(cur)
+        self.served[name] = new
+        self.batchers[name] = batcher
+        (self.registry.rewards if role == "reward" else self.registry.references)[name] = runner
+        self.registry.versions[name] = version
+        sources[name] = source
+        task = loop.create_task(self._retire(cur), name=f"retire-{name}-{cur.version}")
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+        took = time.monotonic() - t0
+        log.info(
+            "reloaded %r: version %s -> %s from %s in %.1fs; %s answers pinned requests for %gs",
+            name,
+            cur.version,
+            version,
+            source,
+            took,
+            cur.version,
+            window,
+        )
+        return ReloadResult(name, cur.version, version, "reloaded", source, took, window)
+
+    def _load_warm(self, role: str, name: str, source: str) -> Any:
+        """Load a runner and, with `warmup`, run one largest-batch forward (on a loader thread)."""
+        t0 = time.monotonic()
+        runner = self.registry.build_runner(role, name, source)
+        log.info("loaded new version of %r from %s in %.1fs", name, source, time.monotonic() - t0)
+        if self.config.warmup:
+            runner.forward(runner.warmup_items(self.max_batch_tokens, self.config.max_batch_items))
+        return runner
+
+    async def _retire(self, old: Served) -> None:
+        """After the transition window and the last request using it, stop an old version."""
+        await asyncio.sleep(max(0.0, old.expires - time.monotonic()))
+        while old.users > 0:
+            await asyncio.sleep(0.05)
+        old.batcher.close()
+        await old.batcher.stop()
+        versions = self.retired.get(old.name, [])
+        if old in versions:
+            versions.remove(old)
+        now = time.monotonic()
+        for cname, olds in self.retired_combinations.items():
+            self.retired_combinations[cname] = [c for c in olds if c.expires > now]
+        log.info("version %s of %r dropped (transition window over)", old.version, old.name)
+
+
+def _mismatch(name: str, pinned: str, serving: str) -> str:
+    return (
+        f"model version mismatch: the request pins model {name!r} to version {pinned!r}, the "
+        f"server answers with version {serving!r} (the pinned version is not served, or its "
+        "transition window after a reload is over)"
+    )
+
+
+@contextlib.contextmanager
+def _using(served: list[Served]) -> Iterator[None]:
+    """Count a request as a user of these versions while it runs."""
+    for s in served:
+        s.users += 1
+    try:
+        yield
+    finally:
+        for s in served:
+            s.users -= 1

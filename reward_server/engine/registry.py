@@ -18,6 +18,7 @@ from reward_server.config import ServerConfig
 from reward_server.engine import calibration  # noqa: F401 - the OpenMP policy, before torch loads
 from reward_server.engine.combine import Combiner, parse_combiner
 from reward_server.errors import FailedPrecondition, InvalidArgument
+from reward_server.model_version import combination_version, source_version
 from reward_server.models.reference import ReferenceRunner
 from reward_server.models.reward import RewardRunner
 
@@ -47,6 +48,7 @@ class ModelDescription:
     combine: str = ""
     quantization: str = ""
     input_format: str = ""
+    model_version: str = ""
 
 
 class ModelRegistry:
@@ -58,6 +60,10 @@ class ModelRegistry:
         self.rewards: dict[str, Any] = {}  # RewardRunner or OnnxRewardRunner
         self.references: dict[str, ReferenceRunner] = {}
         self.combinations: dict[str, Combiner] = {}
+        self.versions: dict[str, str] = {}
+        """Version (`reward_server.model_version`) of each reward and reference model."""
+        self._dtype: Any = None
+        self._intra_op_threads = 0
 
     # ------------------------------------------------------------------ loading
     def load(self, device: str, intra_op_threads: int) -> None:
@@ -67,23 +73,59 @@ class ModelRegistry:
 
         cfg = self.config
         self.device = device
-        dtype = resolve_dtype(cfg.dtype, device)
+        self._dtype = resolve_dtype(cfg.dtype, device)
+        self._intra_op_threads = intra_op_threads
         for name, source in cfg.reward_models.items():
+            self.versions[name] = self.version_of(name, source)
             with _timed("reward", name, source):
-                self.rewards[name] = self._reward_runner(name, source, dtype, intra_op_threads)
+                self.rewards[name] = self.build_runner("reward", name, source)
         for name, source in cfg.reference_models.items():
+            self.versions[name] = self.version_of(name, source)
             with _timed("reference", name, source):
-                self.references[name] = ReferenceRunner(
-                    name,
-                    source,
-                    slice_bytes=int(cfg.logprob_slice_mb * (1 << 20)),
-                    quantization=cfg.reference_quantization,
-                    prefix_sharing=cfg.prefix_sharing and not cfg.batch_invariant,
-                    prefix_cache_mb=cfg.prefix_cache_mb,
-                    **self._torch_options(name, dtype),
-                )
+                self.references[name] = self.build_runner("reference", name, source)
         for name, spec in cfg.combinations.items():
             self.combinations[name] = parse_combiner(spec, list(self.rewards))
+
+    def version_of(self, name: str, source: str) -> str:
+        """The version of model `name` loaded from `source` (with its configured adapter)."""
+        t0 = time.monotonic()
+        version = source_version(source, self.config.adapters.get(name, ""))
+        log.info("model %r: version %s (hashed in %.3fs)", name, version, time.monotonic() - t0)
+        return version
+
+    def role_of(self, name: str) -> str:
+        """``reward``, ``reference`` or ``combination`` of a served name; InvalidArgument if none."""
+        for role, own in (
+            ("reward", self.rewards),
+            ("reference", self.references),
+            ("combination", self.combinations),
+        ):
+            if name in own:
+                return role
+        known = sorted([*self.rewards, *self.combinations, *self.references])
+        raise InvalidArgument(f"unknown model {name!r}; served models: {known}")
+
+    def build_runner(self, role: str, name: str, source: str) -> Any:
+        """Load one reward or reference runner of model `name` from `source` (blocking), with the
+        settings of the initial load (device, dtype, quantization, adapter...)."""
+        cfg = self.config
+        if role == "reward":
+            return self._reward_runner(name, source, self._dtype, self._intra_op_threads)
+        return ReferenceRunner(
+            name,
+            source,
+            slice_bytes=int(cfg.logprob_slice_mb * (1 << 20)),
+            quantization=cfg.reference_quantization,
+            prefix_sharing=cfg.prefix_sharing and not cfg.batch_invariant,
+            prefix_cache_mb=cfg.prefix_cache_mb,
+            **self._torch_options(name, self._dtype),
+        )
+
+    def combination_version(self, name: str, member_versions: dict[str, str] | None = None) -> str:
+        """Combination `name`'s version from its members' (current ones unless given)."""
+        comb = self.combinations[name]
+        versions = member_versions or self.versions
+        return combination_version(comb.spec, [(m, versions[m]) for m in comb.members])
 
     def _reward_runner(self, name: str, source: str, dtype: Any, intra_op_threads: int) -> Any:
         cfg = self.config
@@ -165,6 +207,7 @@ class ModelRegistry:
                 combine=r.combiner.spec,
                 quantization=cfg.quantization if r.backend == "torch" else "",
                 input_format=r.input_format,
+                model_version=self.versions.get(name, ""),
                 **self._runner_fields(name, r),
             )
             for name, r in self.rewards.items()
@@ -180,6 +223,7 @@ class ModelRegistry:
                 is_default=name == cfg.default_reward_model,
                 has_normalization=all(self.rewards[m].normalization is not None for m in c.members),
                 combine=c.spec,
+                model_version=self.combination_version(name),
             )
             for name, c in self.combinations.items()
         ]
@@ -190,6 +234,7 @@ class ModelRegistry:
                 is_default=name == cfg.default_reference_model,
                 vocab_size=r.vocab_size,
                 quantization=cfg.reference_quantization,
+                model_version=self.versions.get(name, ""),
                 **self._runner_fields(name, r),
             )
             for name, r in self.references.items()

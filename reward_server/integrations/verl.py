@@ -25,7 +25,9 @@ Settings, each a keyword argument (``reward_kwargs``) or else an environment var
 ``address`` (RLHF_REWARD_ADDRESS, default 127.0.0.1:50051), ``model`` (RLHF_REWARD_MODEL, "" = the
 server's default), ``token`` (RLHF_AUTH_TOKEN), ``timeout`` (RLHF_REWARD_TIMEOUT, seconds, 30),
 ``budget_seconds`` (RLHF_REWARD_BUDGET_SECONDS), ``truncation`` (RLHF_REWARD_TRUNCATION),
-``prompt_key`` (RLHF_REWARD_PROMPT_KEY), ``failed_score`` (RLHF_REWARD_FAILED_SCORE). veRL needs a
+``prompt_key`` (RLHF_REWARD_PROMPT_KEY), ``failed_score`` (RLHF_REWARD_FAILED_SCORE),
+``score_stream`` (RLHF_REWARD_STREAM, default on: a worker's calls share one ScoreStream per
+server instead of one RPC each, `reward_server.client.stream_mux`; "0" turns it off). veRL needs a
 number for every response: a response the service rejects (an empty one, one over the model's
 length with truncation "error") raises `RewardServiceError` unless ``failed_score`` is set, in
 which case it gets that score and ``rm_scored`` 0 in the extra info. `make_compute_score` binds
@@ -60,16 +62,18 @@ def _optional_float(value: Any) -> float | None:
     return None if value is None or value == "" else float(value)
 
 
-def _client(address: str, token: str | None, timeout: float, budget: float | None) -> Any:
+def _client(
+    address: str, token: str | None, timeout: float, budget: float | None, stream: bool = True
+) -> Any:
     """One client per event loop and settings (grpc.aio channels belong to one loop), reused by
     every call: the server batches the concurrent single-item calls of a reward-loop worker."""
-    key = (asyncio.get_running_loop(), address, token, timeout, budget)
+    key = (asyncio.get_running_loop(), address, token, timeout, budget, stream)
     client = _clients.get(key)
     if client is None:
         for old in [k for k in _clients if k[0].is_closed()]:  # loops that are gone
             del _clients[old]
         client = _clients[key] = AsyncRewardClient(
-            address, token=token, timeout=timeout, budget_seconds=budget
+            address, token=token, timeout=timeout, budget_seconds=budget, score_stream=stream
         )
     return client
 
@@ -110,6 +114,7 @@ async def compute_score(
     truncation: str | None = None,
     prompt_key: str | None = None,
     failed_score: float | None = None,
+    score_stream: bool | str | None = None,
     **kwargs: Any,
 ) -> dict[str, float]:
     """The reward model's score of ``solution_str`` for the prompt in ``extra_info``:
@@ -122,6 +127,7 @@ async def compute_score(
         token,
         float(_setting(timeout, "RLHF_REWARD_TIMEOUT", 30.0)),
         _optional_float(_setting(budget_seconds, "RLHF_REWARD_BUDGET_SECONDS")),
+        str(_setting(score_stream, "RLHF_REWARD_STREAM", "1")).lower() not in ("0", "false", "no"),
     )
     fallback = _optional_float(_setting(failed_score, "RLHF_REWARD_FAILED_SCORE"))
     item = _item(solution_str, extra_info, _setting(prompt_key, "RLHF_REWARD_PROMPT_KEY") or None)

@@ -12,6 +12,7 @@ from reward_server.engine.registry import ModelDescription
 from reward_server.models.reference import RefSequence
 from reward_server.models.reward import ScoreInput
 from reward_server.score_result import ScoreResult
+from reward_server.serve.telemetry import WindowStats
 
 TRUNCATION_FROM_PB = {
     pb.TRUNCATION_UNSPECIFIED: "",
@@ -74,10 +75,16 @@ def timing_pb(t: Timing) -> pb.Timing:
 
 
 def score_response(
-    model: str, results: Sequence[ScoreResult], t: Timing, request_id: str
+    model: str,
+    results: Sequence[ScoreResult],
+    t: Timing,
+    request_id: str,
+    model_version: str = "",
 ) -> pb.ScoreResponse:
-    """Internal results -> ScoreResponse."""
-    resp = pb.ScoreResponse(model=model, timing=timing_pb(t), request_id=request_id)
+    """Internal results -> ScoreResponse (`model_version`: the version that answered)."""
+    resp = pb.ScoreResponse(
+        model=model, timing=timing_pb(t), request_id=request_id, model_version=model_version
+    )
     for r in results:
         s = resp.scores.add(score=r.score, num_tokens=r.num_tokens, truncated=r.truncated)
         s.head_scores.update(r.head_scores)
@@ -93,11 +100,17 @@ def ref_sequences(request: pb.ReferenceLogProbsRequest) -> list[RefSequence]:
 
 
 def logprobs_response(
-    model: str, arrays: Sequence[np.ndarray], t: Timing, request_id: str
+    model: str,
+    arrays: Sequence[np.ndarray],
+    t: Timing,
+    request_id: str,
+    model_version: str = "",
 ) -> pb.ReferenceLogProbsResponse:
-    """Arrays of log-probs -> ReferenceLogProbsResponse."""
+    """Arrays of log-probs -> ReferenceLogProbsResponse (`model_version`: the version that
+    answered)."""
     return pb.ReferenceLogProbsResponse(
         model=model,
+        model_version=model_version,
         # tolist() first: protobuf copies a list 3-4x faster than it iterates an ndarray
         # (64 x 512 floats: 2 ms instead of 7 ms; docs/BENCHMARKS.md)
         results=[pb.SequenceLogProbs(logprobs=a.tolist()) for a in arrays],
@@ -110,7 +123,7 @@ def logprobs_response(
 _MODEL_INFO_SAME = (
     "name", "heads", "dtype", "backend", "device", "max_input_tokens", "is_default",
     "vocab_size", "source", "has_chat_template", "has_normalization", "combine", "quantization",
-    "input_format",
+    "input_format", "model_version",
 )  # fmt: skip
 
 
@@ -118,3 +131,45 @@ def model_info(d: ModelDescription) -> pb.ModelInfo:
     """ModelDescription -> ModelInfo."""
     same = {key: getattr(d, key) for key in _MODEL_INFO_SAME}
     return pb.ModelInfo(role=ROLE_TO_PB[d.role], tokenizer_fingerprint=d.fingerprint, **same)
+
+
+def stats_response(
+    windows: Sequence[WindowStats],
+    *,
+    enabled: bool,
+    max_items: int,
+    max_seconds: float,
+    max_tenants: int,
+) -> pb.GetStatsResponse:
+    """Telemetry windows -> GetStatsResponse."""
+    resp = pb.GetStatsResponse(
+        window_max_items=max_items,
+        window_max_seconds=max_seconds,
+        max_tenants=max_tenants,
+        enabled=enabled,
+    )
+    for w in windows:
+        st = w.stats
+        resp.windows.add(
+            model=w.model,
+            tenant=w.tenant,
+            window_items=st.items,
+            total_items=w.total_items,
+            span_seconds=w.span_seconds,
+            score_mean=st.mean,
+            score_std=st.std,
+            score_min=st.minimum,
+            score_max=st.maximum,
+            length_mean=st.length_mean,
+            length_correlation=st.length_correlation,
+            baseline_mean=w.baseline_mean,
+            baseline_std=w.baseline_std,
+            drift_sigma=w.drift_sigma,
+            histogram_edges=st.histogram_edges,
+            histogram_counts=st.histogram_counts,
+            member_rank_correlations=[
+                pb.MemberRankStats(member_a=a, member_b=b, spearman=rho)
+                for (a, b), rho in st.member_rank_correlations.items()
+            ],
+        )
+    return resp

@@ -304,10 +304,13 @@ class HttpDoor:
             )
         except InvalidArgument as exc:
             raise HttpError(exc.code, exc.message) from None
+        req.model_version = request.query.get("model_version", "")  # optional pin
         resp = await self.servicer.score(
             req, _deadline(request), "/get_reward", self._tenant(request)
         )
-        return openrlhf_response(resp)
+        out = openrlhf_response(resp)
+        out["model_version"] = resp.model_version
+        return out
 
     async def _score(self, request: web.Request, body: Any) -> dict:
         req = _parse(body, pb.ScoreRequest())

@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.registry import Collector
+from prometheus_client.samples import Sample
+
+from reward_server.serve.telemetry import SCORE_BUCKETS, Telemetry
 
 _LAT = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30)
 _ITEMS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
@@ -72,6 +80,12 @@ class ServerMetrics:
             buckets=_LAT,
         )
 
+    def add_telemetry(self, telemetry: Telemetry) -> None:
+        """Export the reward-hacking telemetry (`TelemetryCollector`): `reward_server_scores`,
+        a histogram of every score by model and tenant, and the sliding windows' figures as
+        gauges, all computed at scrape time from the telemetry's windows."""
+        self.registry.register(TelemetryCollector(telemetry))
+
     def serve_http(self, port: int, host: str = "0.0.0.0") -> None:
         """Expose /metrics over HTTP."""
         start_http_server(port, addr=host, registry=self.registry)
@@ -110,3 +124,68 @@ class ServerMetrics:
         hist = self.tenant_queue_time.labels(model, tenant)
         for s in queue_seconds:
             hist.observe(s)
+
+
+_WINDOW_GAUGES = (
+    ("score_window_items", "Items in the telemetry window", lambda w: w.stats.items),
+    ("score_mean", "Mean score over the telemetry window", lambda w: w.stats.mean),
+    ("score_std", "Standard deviation of the scores over the window", lambda w: w.stats.std),
+    (
+        "score_length_correlation",
+        "Pearson correlation of score with length (tokens) over the window",
+        lambda w: w.stats.length_correlation,
+    ),
+    ("score_baseline_mean", "Mean score of the first full window", lambda w: w.baseline_mean),
+    ("score_baseline_std", "Score std of the first full window", lambda w: w.baseline_std),
+    (
+        "score_drift_sigma",
+        "(window mean - first-window mean) / first-window std",
+        lambda w: w.drift_sigma,
+    ),
+)
+
+
+class TelemetryCollector(Collector):
+    """The telemetry windows' figures, computed when Prometheus scrapes (never on the Score
+    path). An undefined figure (too few items, a constant series) is left out, not NaN."""
+
+    def __init__(self, telemetry: Telemetry) -> None:
+        self.telemetry = telemetry
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        windows = self.telemetry.stats()
+        for name, doc, get in _WINDOW_GAUGES:
+            fam = GaugeMetricFamily(f"reward_server_{name}", doc, labels=["model", "tenant"])
+            for w in windows:
+                value = float(get(w))
+                if math.isfinite(value):
+                    fam.add_metric([w.model, w.tenant], value)
+            yield fam
+        hist = HistogramMetricFamily(
+            "reward_server_scores",
+            "Scores returned since the start, by reward model (or combination) and tenant",
+            labels=["model", "tenant"],
+        )
+        bounds = [*(str(b) for b in SCORE_BUCKETS), "+Inf"]
+        for w in windows:
+            cum, buckets = 0, []
+            for bound, n in zip(bounds, w.bucket_counts, strict=True):
+                cum += n
+                buckets.append((bound, cum))
+            hist.add_metric([w.model, w.tenant], buckets, None)
+            # _count and _sum as prometheus_client's own Histogram writes them (add_metric
+            # leaves them out when a bucket bound is negative, an OpenMetrics rule)
+            labels = {"model": w.model, "tenant": w.tenant}
+            hist.samples.append(Sample("reward_server_scores_count", labels, float(cum)))
+            hist.samples.append(Sample("reward_server_scores_sum", labels, w.score_sum))
+        yield hist
+        fam = GaugeMetricFamily(
+            "reward_server_member_rank_correlation",
+            "Spearman rank correlation between two members of a combination over the window",
+            labels=["model", "tenant", "member_a", "member_b"],
+        )
+        for w in windows:
+            for (a, b), rho in w.stats.member_rank_correlations.items():
+                if math.isfinite(rho):
+                    fam.add_metric([w.model, w.tenant, a, b], rho)
+        yield fam

@@ -7,6 +7,7 @@ import asyncio
 import logging
 import signal
 import time
+from collections.abc import Callable
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -19,11 +20,15 @@ from reward_server.engine.engine import Engine
 from reward_server.serve.auth import HEALTH_METHODS, BearerAuthInterceptor, server_credentials
 from reward_server.serve.http import HttpDoor
 from reward_server.serve.metrics import ServerMetrics
-from reward_server.serve.servicer import RewardServicer, add_to_server
+from reward_server.serve.servicer import AdminServicer, RewardServicer, add_to_server
 from reward_server.serve.tenants import TenantResolver
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RewardService"].full_name
+ADMIN_SERVICE = pb.DESCRIPTOR.services_by_name["AdminService"]
+ADMIN_METHODS = tuple(f"/{ADMIN_SERVICE.full_name}/{m.name}" for m in ADMIN_SERVICE.methods)
+"""AdminService's methods: the scoring tokens' interceptor passes them to `AdminServicer`,
+which accepts only the admin tokens."""
 
 
 def grpc_options(cfg: ServerConfig) -> list[tuple[str, int]]:
@@ -42,8 +47,14 @@ class RewardServer:
     """One running service: gRPC server, health, reflection, metrics, engine, and with
     `http_port` the HTTP/JSON door on the same event loop and engine."""
 
-    def __init__(self, cfg: ServerConfig) -> None:
+    def __init__(
+        self, cfg: ServerConfig, reread_config: Callable[[], ServerConfig] | None = None
+    ) -> None:
+        """`reread_config`: how SIGHUP reads the configuration again (the --config file and the
+        flags; None when the server was started without a file)."""
         self.cfg = cfg
+        self.reread_config = reread_config
+        self._sighup: asyncio.Task | None = None
         self.metrics = ServerMetrics()
         self.engine = Engine(cfg, self.metrics)
         self.tenants = TenantResolver(cfg.named_auth_tokens(), cfg.max_metadata_tenants)
@@ -53,15 +64,19 @@ class RewardServer:
         self._stop = asyncio.Event()
         interceptors = []
         tokens = cfg.auth_tokens()
+        admin_tokens = cfg.admin_tokens()
         if tokens:
-            interceptors.append(
-                BearerAuthInterceptor(tokens, HEALTH_METHODS if cfg.open_health else ())
-            )
+            opened = (HEALTH_METHODS if cfg.open_health else ()) + ADMIN_METHODS
+            interceptors.append(BearerAuthInterceptor(tokens, opened))
         self.server = grpc.aio.server(options=grpc_options(cfg), interceptors=interceptors)
         add_to_server(self.servicer, self.server)
+        if admin_tokens:  # off unless configured: unregistered, every call is UNIMPLEMENTED
+            self.admin = AdminServicer(self.engine, self.servicer, admin_tokens)
+            add_to_server(self.admin, self.server, "AdminService")
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         names = (
             SERVICE_NAME,
+            *((ADMIN_SERVICE.full_name,) if admin_tokens else ()),
             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
             reflection.SERVICE_NAME,
         )
@@ -119,6 +134,54 @@ class RewardServer:
         if self.http is not None:
             await self.http.stop()
 
+    def on_sighup(self) -> None:
+        """SIGHUP: re-read the configuration and reload the models whose source or content
+        changed (`reload_changed`), in a task; a SIGHUP during one is queued after it."""
+        if not self.servicer.ready or self.servicer.draining:
+            log.warning("SIGHUP ignored: the server is starting or draining")
+            return
+        previous = self._sighup
+
+        async def run() -> None:
+            if previous is not None:
+                await asyncio.gather(previous, return_exceptions=True)
+            await self.reload_changed()
+
+        self._sighup = asyncio.get_running_loop().create_task(run(), name="sighup-reload")
+
+    async def reload_changed(self) -> list[str]:
+        """Re-read the configuration (when started from a --config file; else keep the current
+        sources) and reload every reward and reference model whose source changed or whose
+        files now hash to another version. Errors are logged, never raised: a failed reload
+        leaves its old version serving. Returns one line per model (also logged)."""
+        sources = {**self.cfg.reward_models, **self.cfg.reference_models}
+        if self.reread_config is not None:
+            try:
+                new = self.reread_config()
+            except Exception as exc:  # ConfigError, OSError, YAML errors: keep everything
+                log.error("SIGHUP: the configuration cannot be read, nothing reloaded: %s", exc)
+                return [f"error: {exc}"]
+            wanted = {**new.reward_models, **new.reference_models}
+            added, removed = sorted(set(wanted) - set(sources)), sorted(set(sources) - set(wanted))
+            if added or removed:
+                log.warning(
+                    "SIGHUP: models added %s / removed %s need a restart; reloading the others",
+                    added,
+                    removed,
+                )
+            sources = {n: wanted[n] for n in sources if n in wanted}
+        lines = []
+        for name, source in sources.items():
+            try:
+                r = await self.engine.reload(name, source)
+                line = f"{name}: {r.status} {r.old_version} -> {r.new_version} ({r.source})"
+                log.info("SIGHUP: %s", line)
+            except Exception as exc:  # ServiceError from a failed load: the old one serves
+                line = f"{name}: reload failed: {exc}"
+                log.error("SIGHUP: %s", line)
+            lines.append(line)
+        return lines
+
     def request_stop(self) -> None:
         """Begin the drain (signal handlers call this)."""
         self._stop.set()
@@ -139,18 +202,21 @@ class RewardServer:
             log.warning(
                 "grace period over with %d request(s) still in flight", self.servicer.inflight
             )
+        if self._sighup is not None:
+            self._sighup.cancel()
         await self.server.stop(max(0.0, end - time.monotonic()))
         await self.close_http()
         await self.engine.stop()
         log.info("stopped")
 
 
-async def serve(cfg: ServerConfig) -> int:
-    """Run until SIGTERM/SIGINT; return the exit code."""
-    srv = RewardServer(cfg)
+async def serve(cfg: ServerConfig, reread_config: Callable[[], ServerConfig] | None = None) -> int:
+    """Run until SIGTERM/SIGINT, reloading changed models on SIGHUP; return the exit code."""
+    srv = RewardServer(cfg, reread_config)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, srv.request_stop)
+    loop.add_signal_handler(signal.SIGHUP, srv.on_sighup)
     try:
         await srv.start()
     except BaseException:

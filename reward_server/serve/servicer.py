@@ -18,9 +18,11 @@ from reward_server.api.rlhf.v1 import reward_service_pb2 as pb
 from reward_server.api.rlhf.v1 import reward_service_pb2_grpc as pb_grpc
 from reward_server.engine.engine import Engine
 from reward_server.errors import InvalidArgument, ServiceError, Unavailable
+from reward_server.score_result import ScoreResult
 from reward_server.serve import convert
 from reward_server.serve.metrics import ServerMetrics
 from reward_server.serve.status import grpc_code
+from reward_server.serve.telemetry import Telemetry
 from reward_server.serve.tenants import DEFAULT_TENANT, TenantResolver
 
 log = logging.getLogger(__name__)
@@ -52,10 +54,13 @@ def tolerant(cls: type) -> Callable[[bytes], object]:
     return parse
 
 
-def add_to_server(servicer: RewardServicer, server: grpc.aio.Server) -> None:
-    """`add_RewardServiceServicer_to_server` with tolerant request deserializers, every RPC of
-    the service descriptor (a new RPC needs no change here)."""
-    desc = pb.DESCRIPTOR.services_by_name["RewardService"]
+def add_to_server(
+    servicer: object, server: grpc.aio.Server, service_name: str = "RewardService"
+) -> None:
+    """`add_RewardServiceServicer_to_server` (or another service's, by `service_name`) with
+    tolerant request deserializers, every RPC of the service descriptor (a new RPC needs no
+    change here)."""
+    desc = pb.DESCRIPTOR.services_by_name[service_name]
     kinds = {
         (False, False): grpc.unary_unary_rpc_method_handler,
         (True, True): grpc.stream_stream_rpc_method_handler,
@@ -102,6 +107,15 @@ class RewardServicer(pb_grpc.RewardServiceServicer):
         self.draining = False
         self.ready = False  # set by the server once models are loaded and warmed up
         self.inflight = 0
+        cfg = engine.config
+        self.telemetry: Telemetry | None = None
+        if cfg.telemetry:
+            self.telemetry = Telemetry(
+                cfg.telemetry_window_items,
+                cfg.telemetry_window_seconds,
+                cfg.telemetry_max_tenants,
+            )
+            metrics.add_telemetry(self.telemetry)
 
     async def run(
         self,
@@ -180,16 +194,29 @@ class RewardServicer(pb_grpc.RewardServiceServicer):
             raise request.error
         if not isinstance(tenant, str):
             raise tenant
-        model, results, timing = await self.engine.score(
+        model, results, timing, version = await self.engine.score(
             request.model,
             convert.score_inputs(request),
             convert.truncation(request),
             deadline,
             request.tokenizer_fingerprint,
+            request.model_version,
             tenant,
         )
         self.metrics.tokenize_time.labels(model).observe(timing.tokenize)
-        return convert.score_response(model, results, timing, rid)
+        self._observe(model, tenant, results)
+        return convert.score_response(model, results, timing, rid, version)
+
+    def _observe(self, model: str, tenant: str, results: list[ScoreResult]) -> None:
+        """The telemetry of an answered Score request (`serve.telemetry`: O(1) per item). A
+        failure here is logged, never the request's: its scores are already computed."""
+        if self.telemetry is None:
+            return
+        comb = self.engine.registry.combinations.get(model)
+        try:
+            self.telemetry.observe(model, tenant, results, comb.members if comb else ())
+        except Exception:  # noqa: BLE001 - telemetry must not fail a Score
+            log.exception("telemetry of a %s request failed", model)
 
     async def _logprobs(
         self,
@@ -202,15 +229,16 @@ class RewardServicer(pb_grpc.RewardServiceServicer):
             raise request.error
         if not isinstance(tenant, str):
             raise tenant
-        model, arrays, timing = await self.engine.reference_logprobs(
+        model, arrays, timing, version = await self.engine.reference_logprobs(
             request.model,
             convert.ref_sequences(request),
             request.temperature,
             request.tokenizer_fingerprint,
             deadline,
+            request.model_version,
             tenant,
         )
-        return convert.logprobs_response(model, arrays, timing, rid)
+        return convert.logprobs_response(model, arrays, timing, rid, version)
 
     async def score(
         self,
@@ -344,3 +372,83 @@ class RewardServicer(pb_grpc.RewardServiceServicer):
 
         tenant = _tenant_name(self.tenant_of(context))
         return await self._call("GetServerInfo", context, "", 0, work, tenant)
+
+    async def GetStats(
+        self, request: pb.GetStatsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetStatsResponse:
+        """The reward-hacking telemetry windows (`serve.telemetry`)."""
+
+        async def work(rid: str) -> pb.GetStatsResponse:
+            if isinstance(request, Malformed):
+                raise request.error
+            cfg = self.engine.config
+            windows = []
+            if self.telemetry is not None:
+                windows = self.telemetry.stats(request.model, request.tenant)
+            return convert.stats_response(
+                windows,
+                enabled=self.telemetry is not None,
+                max_items=cfg.telemetry_window_items,
+                max_seconds=cfg.telemetry_window_seconds,
+                max_tenants=cfg.telemetry_max_tenants,
+            )
+
+        return await self._call("GetStats", context, "", 0, work)
+
+
+class AdminServicer:
+    """Implements rlhf.v1.AdminService (registered only when the server has admin tokens).
+
+    Every call needs ``authorization: Bearer <admin token>``; the scoring tokens' interceptor
+    lets this service's calls through to here (`ADMIN_METHODS`), and a scoring token (or any
+    other) is PERMISSION_DENIED, a missing one UNAUTHENTICATED."""
+
+    def __init__(self, engine: Engine, reward: RewardServicer, admin_tokens: list[str]) -> None:
+        self.engine = engine
+        self.reward = reward
+        self._tokens = [t.encode() for t in admin_tokens]
+
+    async def _authorize(self, context: grpc.aio.ServicerContext) -> None:
+        from reward_server.serve.auth import token_matches
+
+        auth = ""
+        for key, value in context.invocation_metadata() or ():
+            if key == "authorization":
+                auth = value if isinstance(value, str) else value.decode()
+        if not auth:
+            await context.abort(
+                grpc.StatusCode.UNAUTHENTICATED,
+                "AdminService needs metadata 'authorization: Bearer <admin token>'",
+            )
+        token = auth[len("Bearer ") :] if auth.startswith("Bearer ") else ""
+        if not token_matches(token, self._tokens):
+            log.warning("refused an AdminService call: not an admin token")
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                "not an admin token (scoring tokens are never accepted by AdminService)",
+            )
+
+    async def ReloadModel(
+        self, request: pb.ReloadModelRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ReloadModelResponse:
+        await self._authorize(context)
+
+        async def work(rid: str) -> pb.ReloadModelResponse:
+            if isinstance(request, Malformed):
+                raise request.error
+            if not request.model:
+                raise InvalidArgument("ReloadModel needs `model`: the served model to reload")
+            r = await self.engine.reload(request.model, request.source)
+            return pb.ReloadModelResponse(
+                model=r.model,
+                old_version=r.old_version,
+                new_version=r.new_version,
+                status=r.status,
+                source=r.source,
+                load_seconds=r.load_seconds,
+                transition_seconds=r.transition_seconds,
+            )
+
+        return await self.reward._call(
+            "ReloadModel", context, getattr(request, "request_id", ""), 0, work
+        )

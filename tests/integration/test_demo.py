@@ -74,6 +74,13 @@ def test_scaled_down_demo_writes_its_files(tmp_path):
     for method in ("ppo", "dpo"):
         assert 0.0 <= s[method]["gold_win_rate_vs_sft"] <= 1.0
     assert s["dpo"]["training"]["step"] == 10  # 300 pairs / 32 per step
+    # reward-hacking telemetry: the trainer's figures and the server's window of the PPO run
+    t = s["telemetry"]
+    assert _finite(t["score_mean_first"]) and _finite(t["score_std_final"])
+    # every PPO item the server scored (an empty completion is never sent): 3 iterations x 8
+    # prompts x 2 samples at most, all in its window
+    assert 0 < t["server"]["total_items"] == t["server"]["window_items"] <= 3 * 8 * 2
+    assert _finite(t["server"]["score_mean"])
     bon = s["best_of_n"]["points"]
     assert [p["n"] for p in bon] == [1, 4] and all(p["prompts"] == 6 for p in bon)
     assert bon[0]["analytic_kl"] == 0.0 and bon[1]["analytic_kl"] == pytest.approx(

@@ -95,7 +95,9 @@ def test_openrlhf_payload_gets_grpc_scores_in_openrlhf_shape(http_server, tiny_c
     payload = {"query": queries, "prompts": prompts, "labels": ["a", "b", "c", "d"]}
     status, body, headers = request(port, "/get_reward", payload)
     assert status == 200 and headers["Content-Type"].startswith("application/json")
-    assert set(body) == {"rewards", "scores", "extra_logs"}
+    # OpenRLHF's keys, and the version that answered (OpenRLHF ignores other keys)
+    assert set(body) == {"rewards", "scores", "extra_logs", "model_version"}
+    assert len(body["model_version"]) == 12
     with RewardClient(http_server.address) as c:
         want = c.score(list(zip(PROMPTS, RESPONSES, strict=True)))
     np.testing.assert_allclose(body["rewards"], [r.score for r in want], rtol=1e-6, atol=1e-7)

@@ -19,6 +19,7 @@ METHODS = {
     "Score": "rlhf.v1.ScoreRequest",
     "ReferenceLogProbs": "rlhf.v1.ReferenceLogProbsRequest",
     "GetServerInfo": "rlhf.v1.GetServerInfoRequest",
+    "GetStats": "rlhf.v1.GetStatsRequest",
 }
 BAD_BYTES = {
     "corrupt wire format": b"\xff\xff\xff\xff\xff",
@@ -74,7 +75,7 @@ def test_malformed_bytes_get_invalid_argument_on_every_rpc(server, tiny_ckpts):
         key = f'reward_server_requests_total{{code="INVALID_ARGUMENT",rpc="{method}"}}'
         assert after.get(key, 0) - before.get(key, 0) == len(cases(method)), key
     assert not [k for k in after if 'code="UNKNOWN"' in k or 'code="INTERNAL"' in k]
-    assert seen == 8
+    assert seen == 11
 
 
 def test_a_bad_request_is_answered_in_the_stream_and_the_stream_goes_on(server, tiny_ckpts):

@@ -130,7 +130,19 @@ def test_two_iterations_through_the_cli(server, tiny_ckpts, tmp_path: Path) -> N
         assert 0 < m["response_length_mean"] <= 8
         assert m["rpc_wait_seconds"] >= 0 and m["iteration_seconds"] > 0
         assert m["valid_fraction"] > 0 and m["entropy"] > 0
+        # reward-hacking telemetry of the run's own rollouts (no combination: no member key)
+        assert math.isfinite(m["telemetry/score_mean"]) and m["telemetry/score_std"] >= 0
+        corr = m["telemetry/length_corr"]  # None when every response had the same length
+        assert corr is None or -1.0 <= corr <= 1.0
+        assert "telemetry/member_rank_corr" not in m
     first = metrics[0]
+    # the first iteration is the drift baseline
+    assert first["telemetry/score_drift_sigma"] in (0.0, None)
+    m2 = metrics[1]
+    want = (m2["telemetry/score_mean"] - first["telemetry/score_mean"]) / first[
+        "telemetry/score_std"
+    ]
+    assert m2["telemetry/score_drift_sigma"] == pytest.approx(want)
     # policy == reference before any update: the server's log-probs equal the trainer's
     assert abs(first["kl_mean"]) < 1e-4
     assert first["first_ratio_max_abs_dev"] < 1e-5 and first["first_clipfrac"] == 0.0
@@ -308,3 +320,49 @@ def test_qlora_policy_on_a_4bit_base(server, tiny_ckpts, tmp_path: Path, device:
     ]
     assert any("lora" in n for n in moved), "no adapter weight changed"
     assert next(p for p in model.parameters() if p.requires_grad).device.type == device
+
+
+def test_telemetry_of_a_combination_matches_the_servers(tiny_ckpts, tmp_path: Path) -> None:
+    """The trainer's telemetry of its rollouts against a combination, and the server's GetStats
+    of the same items (the only traffic of that combination): the same functions, the same
+    figures (length aside: the trainer counts completion tokens, the server all tokens)."""
+    from reward_server.client import RewardClient
+
+    sp = start_server(
+        [
+            "--reward-model", f"rm={tiny_ckpts.reward}",
+            "--reward-model", f"rm2={tiny_ckpts.multihead_reward}",
+            "--combination", "both=weighted:rm=1,rm2=0.5",
+            "--reference-model", str(tiny_ckpts.reference),
+            "--max-wait-ms", "5",
+        ],
+        tmp_path,
+        env=SERVER_ENV,
+    )  # fmt: skip
+    try:
+        run_dir = tmp_path / "run"
+        cfg = write_config(
+            tmp_path / "run.yaml",
+            tiny_ckpts,
+            sp.address,
+            run_dir,
+            server={"reward_model": "both"},
+            rollout={"prompts_per_iteration": 4, "chunk_size": 8, "max_new_tokens": 8},
+            run={"iterations": 1},
+        )
+        proc = subprocess.run(
+            [sys.executable, "-m", "policy_trainer.cli", "ppo", "--config", str(cfg)],
+            cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=180,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        with RewardClient(sp.address) as c:
+            (w,) = c.stats(model="both").windows
+    finally:
+        sp.stop()
+    (m,) = read_metrics(run_dir / "metrics.jsonl")
+    assert 2 <= w.window_items == w.total_items <= 8  # this run's items, nothing else
+    assert m["telemetry/score_mean"] == pytest.approx(w.score_mean, abs=1e-5)
+    assert m["telemetry/score_std"] == pytest.approx(w.score_std, abs=1e-5)
+    (pair,) = w.member_rank_correlations
+    assert m["telemetry/member_rank_corr"] == pytest.approx(pair.spearman, abs=1e-6)
+    assert -1.0 <= pair.spearman <= 1.0

@@ -25,6 +25,7 @@ TRAINER_MAY_USE = (
     "reward_server.seeding",
     "reward_server.dropout",
     "reward_server.fingerprint",
+    "reward_server.reward_stats",
     "reward_server.local_server",
 )
 # What the trainer integrations (TRL, veRL) may use of reward_server: the client layer only.
@@ -151,7 +152,9 @@ SHARED = (
     "reward_server.config",
     "reward_server.errors",
     "reward_server.fingerprint",
+    "reward_server.model_version",
     "reward_server.score_result",
+    "reward_server.reward_stats",
     "reward_server.devices",
     "reward_server.tokenizer_loading",
     "reward_server.seeding",

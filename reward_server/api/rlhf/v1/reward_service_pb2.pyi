@@ -52,18 +52,20 @@ class ScoreItem(_message.Message):
     def __init__(self, prompt: _Optional[str] = ..., completion: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., safety_prompt: _Optional[bool] = ..., token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ScoreRequest(_message.Message):
-    __slots__ = ("model", "items", "truncation", "request_id", "tokenizer_fingerprint")
+    __slots__ = ("model", "items", "truncation", "request_id", "tokenizer_fingerprint", "model_version")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     ITEMS_FIELD_NUMBER: _ClassVar[int]
     TRUNCATION_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TOKENIZER_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     model: str
     items: _containers.RepeatedCompositeFieldContainer[ScoreItem]
     truncation: Truncation
     request_id: str
     tokenizer_fingerprint: str
-    def __init__(self, model: _Optional[str] = ..., items: _Optional[_Iterable[_Union[ScoreItem, _Mapping]]] = ..., truncation: _Optional[_Union[Truncation, str]] = ..., request_id: _Optional[str] = ..., tokenizer_fingerprint: _Optional[str] = ...) -> None: ...
+    model_version: str
+    def __init__(self, model: _Optional[str] = ..., items: _Optional[_Iterable[_Union[ScoreItem, _Mapping]]] = ..., truncation: _Optional[_Union[Truncation, str]] = ..., request_id: _Optional[str] = ..., tokenizer_fingerprint: _Optional[str] = ..., model_version: _Optional[str] = ...) -> None: ...
 
 class ItemScore(_message.Message):
     __slots__ = ("score", "head_scores", "num_tokens", "truncated", "normalized_score", "has_normalized_score")
@@ -101,18 +103,20 @@ class Timing(_message.Message):
     def __init__(self, queue_ms: _Optional[float] = ..., tokenize_ms: _Optional[float] = ..., inference_ms: _Optional[float] = ..., total_ms: _Optional[float] = ...) -> None: ...
 
 class ScoreResponse(_message.Message):
-    __slots__ = ("scores", "model", "timing", "request_id", "status")
+    __slots__ = ("scores", "model", "timing", "request_id", "status", "model_version")
     SCORES_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     TIMING_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     scores: _containers.RepeatedCompositeFieldContainer[ItemScore]
     model: str
     timing: Timing
     request_id: str
     status: RequestStatus
-    def __init__(self, scores: _Optional[_Iterable[_Union[ItemScore, _Mapping]]] = ..., model: _Optional[str] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., request_id: _Optional[str] = ..., status: _Optional[_Union[RequestStatus, _Mapping]] = ...) -> None: ...
+    model_version: str
+    def __init__(self, scores: _Optional[_Iterable[_Union[ItemScore, _Mapping]]] = ..., model: _Optional[str] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., request_id: _Optional[str] = ..., status: _Optional[_Union[RequestStatus, _Mapping]] = ..., model_version: _Optional[str] = ...) -> None: ...
 
 class RequestStatus(_message.Message):
     __slots__ = ("code", "name", "message")
@@ -133,18 +137,20 @@ class TokenSequence(_message.Message):
     def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., response_start: _Optional[int] = ...) -> None: ...
 
 class ReferenceLogProbsRequest(_message.Message):
-    __slots__ = ("model", "sequences", "temperature", "tokenizer_fingerprint", "request_id")
+    __slots__ = ("model", "sequences", "temperature", "tokenizer_fingerprint", "request_id", "model_version")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     SEQUENCES_FIELD_NUMBER: _ClassVar[int]
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
     TOKENIZER_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     model: str
     sequences: _containers.RepeatedCompositeFieldContainer[TokenSequence]
     temperature: float
     tokenizer_fingerprint: str
     request_id: str
-    def __init__(self, model: _Optional[str] = ..., sequences: _Optional[_Iterable[_Union[TokenSequence, _Mapping]]] = ..., temperature: _Optional[float] = ..., tokenizer_fingerprint: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
+    model_version: str
+    def __init__(self, model: _Optional[str] = ..., sequences: _Optional[_Iterable[_Union[TokenSequence, _Mapping]]] = ..., temperature: _Optional[float] = ..., tokenizer_fingerprint: _Optional[str] = ..., request_id: _Optional[str] = ..., model_version: _Optional[str] = ...) -> None: ...
 
 class SequenceLogProbs(_message.Message):
     __slots__ = ("logprobs",)
@@ -153,23 +159,25 @@ class SequenceLogProbs(_message.Message):
     def __init__(self, logprobs: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class ReferenceLogProbsResponse(_message.Message):
-    __slots__ = ("results", "model", "timing", "request_id")
+    __slots__ = ("results", "model", "timing", "request_id", "model_version")
     RESULTS_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     TIMING_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     results: _containers.RepeatedCompositeFieldContainer[SequenceLogProbs]
     model: str
     timing: Timing
     request_id: str
-    def __init__(self, results: _Optional[_Iterable[_Union[SequenceLogProbs, _Mapping]]] = ..., model: _Optional[str] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
+    model_version: str
+    def __init__(self, results: _Optional[_Iterable[_Union[SequenceLogProbs, _Mapping]]] = ..., model: _Optional[str] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., request_id: _Optional[str] = ..., model_version: _Optional[str] = ...) -> None: ...
 
 class GetServerInfoRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "role", "heads", "tokenizer_fingerprint", "dtype", "backend", "device", "max_input_tokens", "is_default", "vocab_size", "source", "has_chat_template", "has_normalization", "combine", "quantization", "input_format")
+    __slots__ = ("name", "role", "heads", "tokenizer_fingerprint", "dtype", "backend", "device", "max_input_tokens", "is_default", "vocab_size", "source", "has_chat_template", "has_normalization", "combine", "quantization", "input_format", "model_version")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     HEADS_FIELD_NUMBER: _ClassVar[int]
@@ -186,6 +194,7 @@ class ModelInfo(_message.Message):
     COMBINE_FIELD_NUMBER: _ClassVar[int]
     QUANTIZATION_FIELD_NUMBER: _ClassVar[int]
     INPUT_FORMAT_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     name: str
     role: ModelRole
     heads: _containers.RepeatedScalarFieldContainer[str]
@@ -202,7 +211,8 @@ class ModelInfo(_message.Message):
     combine: str
     quantization: str
     input_format: str
-    def __init__(self, name: _Optional[str] = ..., role: _Optional[_Union[ModelRole, str]] = ..., heads: _Optional[_Iterable[str]] = ..., tokenizer_fingerprint: _Optional[str] = ..., dtype: _Optional[str] = ..., backend: _Optional[str] = ..., device: _Optional[str] = ..., max_input_tokens: _Optional[int] = ..., is_default: _Optional[bool] = ..., vocab_size: _Optional[int] = ..., source: _Optional[str] = ..., has_chat_template: _Optional[bool] = ..., has_normalization: _Optional[bool] = ..., combine: _Optional[str] = ..., quantization: _Optional[str] = ..., input_format: _Optional[str] = ...) -> None: ...
+    model_version: str
+    def __init__(self, name: _Optional[str] = ..., role: _Optional[_Union[ModelRole, str]] = ..., heads: _Optional[_Iterable[str]] = ..., tokenizer_fingerprint: _Optional[str] = ..., dtype: _Optional[str] = ..., backend: _Optional[str] = ..., device: _Optional[str] = ..., max_input_tokens: _Optional[int] = ..., is_default: _Optional[bool] = ..., vocab_size: _Optional[int] = ..., source: _Optional[str] = ..., has_chat_template: _Optional[bool] = ..., has_normalization: _Optional[bool] = ..., combine: _Optional[str] = ..., quantization: _Optional[str] = ..., input_format: _Optional[str] = ..., model_version: _Optional[str] = ...) -> None: ...
 
 class GetServerInfoResponse(_message.Message):
     __slots__ = ("version", "models", "max_items_per_request", "max_batch_tokens", "max_batch_items", "max_message_bytes", "default_reward_model", "default_reference_model", "default_truncation", "batch_invariant")
@@ -227,3 +237,101 @@ class GetServerInfoResponse(_message.Message):
     default_truncation: Truncation
     batch_invariant: bool
     def __init__(self, version: _Optional[str] = ..., models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., max_items_per_request: _Optional[int] = ..., max_batch_tokens: _Optional[int] = ..., max_batch_items: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., default_reward_model: _Optional[str] = ..., default_reference_model: _Optional[str] = ..., default_truncation: _Optional[_Union[Truncation, str]] = ..., batch_invariant: _Optional[bool] = ...) -> None: ...
+
+class ReloadModelRequest(_message.Message):
+    __slots__ = ("model", "source", "request_id")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    source: str
+    request_id: str
+    def __init__(self, model: _Optional[str] = ..., source: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class ReloadModelResponse(_message.Message):
+    __slots__ = ("model", "old_version", "new_version", "status", "source", "load_seconds", "transition_seconds")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    OLD_VERSION_FIELD_NUMBER: _ClassVar[int]
+    NEW_VERSION_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    LOAD_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    TRANSITION_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    old_version: str
+    new_version: str
+    status: str
+    source: str
+    load_seconds: float
+    transition_seconds: float
+    def __init__(self, model: _Optional[str] = ..., old_version: _Optional[str] = ..., new_version: _Optional[str] = ..., status: _Optional[str] = ..., source: _Optional[str] = ..., load_seconds: _Optional[float] = ..., transition_seconds: _Optional[float] = ...) -> None: ...
+
+class GetStatsRequest(_message.Message):
+    __slots__ = ("model", "tenant")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    tenant: str
+    def __init__(self, model: _Optional[str] = ..., tenant: _Optional[str] = ...) -> None: ...
+
+class MemberRankStats(_message.Message):
+    __slots__ = ("member_a", "member_b", "spearman")
+    MEMBER_A_FIELD_NUMBER: _ClassVar[int]
+    MEMBER_B_FIELD_NUMBER: _ClassVar[int]
+    SPEARMAN_FIELD_NUMBER: _ClassVar[int]
+    member_a: str
+    member_b: str
+    spearman: float
+    def __init__(self, member_a: _Optional[str] = ..., member_b: _Optional[str] = ..., spearman: _Optional[float] = ...) -> None: ...
+
+class ScoreWindowStats(_message.Message):
+    __slots__ = ("model", "tenant", "window_items", "total_items", "span_seconds", "score_mean", "score_std", "score_min", "score_max", "length_mean", "length_correlation", "baseline_mean", "baseline_std", "drift_sigma", "histogram_edges", "histogram_counts", "member_rank_correlations")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_ITEMS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_ITEMS_FIELD_NUMBER: _ClassVar[int]
+    SPAN_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    SCORE_MEAN_FIELD_NUMBER: _ClassVar[int]
+    SCORE_STD_FIELD_NUMBER: _ClassVar[int]
+    SCORE_MIN_FIELD_NUMBER: _ClassVar[int]
+    SCORE_MAX_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_MEAN_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_CORRELATION_FIELD_NUMBER: _ClassVar[int]
+    BASELINE_MEAN_FIELD_NUMBER: _ClassVar[int]
+    BASELINE_STD_FIELD_NUMBER: _ClassVar[int]
+    DRIFT_SIGMA_FIELD_NUMBER: _ClassVar[int]
+    HISTOGRAM_EDGES_FIELD_NUMBER: _ClassVar[int]
+    HISTOGRAM_COUNTS_FIELD_NUMBER: _ClassVar[int]
+    MEMBER_RANK_CORRELATIONS_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    tenant: str
+    window_items: int
+    total_items: int
+    span_seconds: float
+    score_mean: float
+    score_std: float
+    score_min: float
+    score_max: float
+    length_mean: float
+    length_correlation: float
+    baseline_mean: float
+    baseline_std: float
+    drift_sigma: float
+    histogram_edges: _containers.RepeatedScalarFieldContainer[float]
+    histogram_counts: _containers.RepeatedScalarFieldContainer[int]
+    member_rank_correlations: _containers.RepeatedCompositeFieldContainer[MemberRankStats]
+    def __init__(self, model: _Optional[str] = ..., tenant: _Optional[str] = ..., window_items: _Optional[int] = ..., total_items: _Optional[int] = ..., span_seconds: _Optional[float] = ..., score_mean: _Optional[float] = ..., score_std: _Optional[float] = ..., score_min: _Optional[float] = ..., score_max: _Optional[float] = ..., length_mean: _Optional[float] = ..., length_correlation: _Optional[float] = ..., baseline_mean: _Optional[float] = ..., baseline_std: _Optional[float] = ..., drift_sigma: _Optional[float] = ..., histogram_edges: _Optional[_Iterable[float]] = ..., histogram_counts: _Optional[_Iterable[int]] = ..., member_rank_correlations: _Optional[_Iterable[_Union[MemberRankStats, _Mapping]]] = ...) -> None: ...
+
+class GetStatsResponse(_message.Message):
+    __slots__ = ("windows", "window_max_items", "window_max_seconds", "max_tenants", "enabled")
+    WINDOWS_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_MAX_ITEMS_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_MAX_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    MAX_TENANTS_FIELD_NUMBER: _ClassVar[int]
+    ENABLED_FIELD_NUMBER: _ClassVar[int]
+    windows: _containers.RepeatedCompositeFieldContainer[ScoreWindowStats]
+    window_max_items: int
+    window_max_seconds: float
+    max_tenants: int
+    enabled: bool
+    def __init__(self, windows: _Optional[_Iterable[_Union[ScoreWindowStats, _Mapping]]] = ..., window_max_items: _Optional[int] = ..., window_max_seconds: _Optional[float] = ..., max_tenants: _Optional[int] = ..., enabled: _Optional[bool] = ...) -> None: ...

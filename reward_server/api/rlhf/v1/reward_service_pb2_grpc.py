@@ -56,6 +56,11 @@ class RewardServiceStub:
                 request_serializer=reward__server_dot_api_dot_rlhf_dot_v1_dot_reward__service__pb2.GetServerInfoRequest.SerializeToString,
                 response_deserializer=reward__server_dot_api_dot_rlhf_dot_v1_dot_reward__service__pb2.GetServerInfoResponse.FromString,
                 _registered_method=True)
+        self.GetStats = channel.unary_unary(
+                '/rlhf.v1.RewardService/GetStats',
+                request_serializer=reward__server_dot_api_dot_rlhf_dot_v1_dot_reward__service__pb2.GetStatsRequest.SerializeToString,
+                response_deserializer=reward__server_dot_api_dot_rlhf_dot_v1_dot_reward__service__pb2.GetStatsResponse.FromString,
+                _registered_method=True)
 
 
 class RewardServiceServicer:
@@ -91,6 +96,15 @@ class RewardServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetStats(self, request, context):
+        """Reward-hacking telemetry: per reward model (or combination) and tenant, the figures of a
+        sliding window of the scored items (score distribution, score-length correlation, member
+        rank correlation, drift from the first window).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RewardServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -113,6 +127,11 @@ def add_RewardServiceServicer_to_server(servicer, server):
                     servicer.GetServerInfo,
                     request_deserializer=reward__server_dot_api_dot_rlhf_dot_v1_dot_reward__service__pb2.GetServerInfoRequest.FromString,
                     response_serializer=reward__server_dot_api_dot_rlhf_dot_v1_dot_reward__service__pb2.GetServerInfoResponse.SerializeToString,
+            ),
+            'GetStats': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetStats,
+                    request_deserializer=reward__server_dot_api_dot_rlhf_dot_v1_dot_reward__service__pb2.GetStatsRequest.FromString,
+                    response_serializer=reward__server_dot_api_dot_rlhf_dot_v1_dot_reward__service__pb2.GetStatsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -225,6 +244,116 @@ class RewardService:
             '/rlhf.v1.RewardService/GetServerInfo',
             reward__server_dot_api_dot_rlhf_dot_v1_dot_reward__service__pb2.GetServerInfoRequest.SerializeToString,
             reward__server_dot_api_dot_rlhf_dot_v1_dot_reward__service__pb2.GetServerInfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetStats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rlhf.v1.RewardService/GetStats',
+            reward__server_dot_api_dot_rlhf_dot_v1_dot_reward__service__pb2.GetStatsRequest.SerializeToString,
+            reward__server_dot_api_dot_rlhf_dot_v1_dot_reward__service__pb2.GetStatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class AdminServiceStub:
+    """Operator actions on a running server. Off unless the server is started with an admin token
+    (--admin-token-file): the service is then not registered and every call is UNIMPLEMENTED. The
+    scoring tokens are never accepted here: a call needs `authorization: Bearer <admin token>`.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.ReloadModel = channel.unary_unary(
+                '/rlhf.v1.AdminService/ReloadModel',
+                request_serializer=reward__server_dot_api_dot_rlhf_dot_v1_dot_reward__service__pb2.ReloadModelRequest.SerializeToString,
+                response_deserializer=reward__server_dot_api_dot_rlhf_dot_v1_dot_reward__service__pb2.ReloadModelResponse.FromString,
+                _registered_method=True)
+
+
+class AdminServiceServicer:
+    """Operator actions on a running server. Off unless the server is started with an admin token
+    (--admin-token-file): the service is then not registered and every call is UNIMPLEMENTED. The
+    scoring tokens are never accepted here: a call needs `authorization: Bearer <admin token>`.
+    """
+
+    def ReloadModel(self, request, context):
+        """Load a new version of a served reward or reference model next to the old one, warm it up,
+        then switch to it atomically (docs/API.md, "Reload without downtime").
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_AdminServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'ReloadModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReloadModel,
+                    request_deserializer=reward__server_dot_api_dot_rlhf_dot_v1_dot_reward__service__pb2.ReloadModelRequest.FromString,
+                    response_serializer=reward__server_dot_api_dot_rlhf_dot_v1_dot_reward__service__pb2.ReloadModelResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'rlhf.v1.AdminService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('rlhf.v1.AdminService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class AdminService:
+    """Operator actions on a running server. Off unless the server is started with an admin token
+    (--admin-token-file): the service is then not registered and every call is UNIMPLEMENTED. The
+    scoring tokens are never accepted here: a call needs `authorization: Bearer <admin token>`.
+    """
+
+    @staticmethod
+    def ReloadModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rlhf.v1.AdminService/ReloadModel',
+            reward__server_dot_api_dot_rlhf_dot_v1_dot_reward__service__pb2.ReloadModelRequest.SerializeToString,
+            reward__server_dot_api_dot_rlhf_dot_v1_dot_reward__service__pb2.ReloadModelResponse.FromString,
             options,
             channel_credentials,
             insecure,
