@@ -117,6 +117,12 @@ class RolloutConfig:
     """EOS is suppressed for the first min_new_tokens sampled tokens (as HF generate's
     min_new_tokens). With 0 a response may be only EOS: such a response has no text the server can
     score, so it is masked out of the update, and a policy can drift toward it unpenalised."""
+    logprobs_as_sampled: bool = False
+    """Take the policy's log-probs (rollout, PPO ratio, KL) under the distribution the sampler drew
+    from, with the suppressed tokens and the early EOS masked out (`sampling.SamplingMask`).
+    Off: under the full softmax, where a policy can lower its measured KL by moving probability
+    onto tokens it is never sampled with (the demo's did). The server's reference log-probs stay
+    full-softmax, so with it on the KL at the start is sum -log(1 - pi_ref(masked tokens)), not 0."""
 
 
 @dataclass

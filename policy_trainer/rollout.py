@@ -14,7 +14,13 @@ from policy_trainer.config import RolloutConfig
 from policy_trainer.data import Prompt
 from policy_trainer.models import ActorCritic
 from policy_trainer.remote import RemoteRewards, RewardInput
-from policy_trainer.sampling import left_pad, right_pad, sample_responses, truncate_after_eos
+from policy_trainer.sampling import (
+    SamplingMask,
+    left_pad,
+    right_pad,
+    sample_responses,
+    truncate_after_eos,
+)
 
 
 @dataclass
@@ -43,6 +49,9 @@ class RolloutBatch:
     """[N] bool: both a score and reference log-probs came back."""
     completions: list[str]
     """Decoded responses (for logs)."""
+    sampling_mask: SamplingMask | None = None
+    """The tokens the sampler never drew; every log-prob of these responses (rollout and update)
+    is taken with them masked out, under the distribution they were drawn from."""
 
     def __len__(self) -> int:
         return self.query.shape[0]
@@ -76,13 +85,17 @@ def policy_logprobs(
     response: torch.Tensor,
     response_mask: torch.Tensor,
     temperature: float,
+    sampling_mask: SamplingMask | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Log-probs [B, R] and values [B, R] | None of the responses, 0 on padding."""
+    """Log-probs [B, R] and values [B, R] | None of the responses, 0 on padding; with
+    ``sampling_mask``, under the distribution the sampler drew from (`SamplingMask`)."""
     from policy_trainer.losses import logprobs_from_logits
 
     logits, values, r_len = trimmed_forward(
         model, query, query_mask, response, response_mask, temperature
     )
+    if sampling_mask is not None:
+        logits = sampling_mask.apply(logits)
     maskf = response_mask.float()
     logp = torch.zeros(response.shape, dtype=torch.float32, device=response.device)
     logp[:, :r_len] = logprobs_from_logits(logits, response[:, :r_len])
@@ -143,6 +156,11 @@ def collect_rollout(
         if cfg.suppress_special_tokens
         else None
     )
+    drawn = (
+        SamplingMask(int(eos), tuple(suppress or ()), cfg.min_new_tokens)
+        if cfg.logprobs_as_sampled
+        else None
+    )
     parts: list[dict[str, Any]] = []
     gen_seconds = fwd_seconds = 0.0
 
@@ -150,7 +168,7 @@ def collect_rollout(
         nonlocal fwd_seconds
         t = time.perf_counter()
         part["logp"], part["values"] = policy_logprobs(
-            model, part["q"], part["qm"], part["resp"], part["rmask"], cfg.temperature
+            model, part["q"], part["qm"], part["resp"], part["rmask"], cfg.temperature, drawn
         )
         fwd_seconds += time.perf_counter() - t
 
@@ -230,6 +248,7 @@ def collect_rollout(
         has_eos=cat([p["has_eos"] for p in parts]),
         valid=cat(valid),
         completions=[c for p in parts for c in p["completions"]],
+        sampling_mask=drawn,
     )
     return batch, {
         "generation_seconds": gen_seconds,

@@ -9,6 +9,8 @@ state the checkpoints save.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -64,6 +66,36 @@ def truncate_after_eos(
     idx = torch.arange(responses.shape[1], device=responses.device).unsqueeze(0)  # [1, R]
     mask = (idx <= first.unsqueeze(1)).long()  # [B, R]
     return torch.where(mask.bool(), responses, torch.full_like(responses, pad_id)), mask, has_eos
+
+
+@dataclass(frozen=True)
+class SamplingMask:
+    """The tokens `sample_responses` never draws: ``suppress_ids`` everywhere, EOS at the first
+    ``min_new_tokens`` response positions.
+
+    Every log-prob of a sampled response (rollout, update, evaluation) must be taken under the
+    distribution it was drawn from, ``softmax`` over the allowed tokens only; under the full
+    softmax, probability the policy puts on a never-drawn token lowers the log-prob of every
+    drawn one, so the k1 KL estimate ``log pi - log pi_ref`` (and the PPO ratio) is off by
+    ``log(1 - pi(never-drawn))`` per token. A policy learns that: with EOS suppressed at the first
+    position, the demo's PPO policy put 0.9-0.98 of its first-token mass on EOS, and the measured
+    KL of its responses fell to near 0 while their reward rose (2026-11-27). The KL estimators are
+    defined for samples of the policy itself (Schulman, "Approximating KL Divergence",
+    http://joschu.net/blog/kl-approx.html).
+    """
+
+    eos_id: int
+    suppress_ids: tuple[int, ...] = ()
+    min_new_tokens: int = 0
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        """``logits`` [B, R, V] of response positions 0..R-1 -> the same with the never-drawn
+        tokens at the float32 minimum (finite, so entropies stay finite; probability 0)."""
+        blocked = torch.zeros(logits.shape[1:], dtype=torch.bool, device=logits.device)  # [R, V]
+        if self.suppress_ids:
+            blocked[:, list(self.suppress_ids)] = True
+        blocked[: self.min_new_tokens, self.eos_id] = True
+        return logits.masked_fill(blocked, torch.finfo(logits.dtype).min)
 
 
 @torch.no_grad()

@@ -51,6 +51,8 @@ def minibatch_losses(
         temperature,
         with_values,
     )
+    if batch.sampling_mask is not None:  # as at sampling time (`SamplingMask`)
+        logits = batch.sampling_mask.apply(logits)
     mask = mask_full[:, :r]  # [b, r]
     logp = logprobs_from_logits(logits, batch.response[idx][:, :r])  # [b, r]
     old_logp = batch.old_logprobs[idx][:, :r]  # [b, r]

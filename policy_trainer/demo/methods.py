@@ -58,12 +58,18 @@ def evaluate_policy(
 
     from policy_trainer.models import ActorCritic
     from policy_trainer.rollout import policy_logprobs
-    from policy_trainer.sampling import left_pad, sample_responses, truncate_after_eos
+    from policy_trainer.sampling import (
+        SamplingMask,
+        left_pad,
+        sample_responses,
+        truncate_after_eos,
+    )
 
     tok = AutoTokenizer.from_pretrained(policy_dir)
     model = ActorCritic(AutoModelForCausalLM.from_pretrained(policy_dir).eval(), None).eval()
     pad, eos = tok.pad_token_id, tok.eos_token_id
     suppress = sorted({int(i) for i in tok.all_special_ids} - {int(eos)})
+    drawn = SamplingMask(int(eos), tuple(suppress), 1)
     gen = torch.Generator().manual_seed(seed)
     samples: list[Sample] = []
     kls: list[float] = []
@@ -73,7 +79,7 @@ def evaluate_policy(
         q, qm = left_pad(p_ids, pad, torch.device("cpu"))  # [B, P]
         raw = sample_responses(model.policy, q, qm, max_new_tokens, 1.0, eos, pad, gen, 1, suppress)
         resp, rmask, has_eos = truncate_after_eos(raw, eos, pad)  # [B, R]
-        logp, _ = policy_logprobs(model, q, qm, resp, rmask, 1.0)  # [B, R], 0 on padding
+        logp, _ = policy_logprobs(model, q, qm, resp, rmask, 1.0, drawn)  # [B, R], 0 on padding
         lengths = rmask.sum(dim=1).tolist()
         r_ids = [resp[i, : lengths[i]].tolist() for i in range(len(part))]
         ref = client.reference_logprobs(

@@ -70,7 +70,10 @@ def test_scaled_down_demo_writes_its_files(tmp_path):
     for method in ("sft", "ppo", "dpo"):
         for key in ("gold_reward", "proxy_reward", "kl", "eos_rate"):
             assert _finite(s[method][key]), (method, key)
-    assert abs(s["sft"]["kl"]) < 1e-3  # the reference is the SFT model: KL(SFT || SFT) = 0
+    # the reference is the SFT model: KL(SFT || SFT) = 0, but for the server's full-softmax
+    # reference log-probs against the policy's under the sampling mask (logprobs_as_sampled):
+    # sum -log(1 - pi_ref(masked tokens)) >= 0, small
+    assert -1e-4 < s["sft"]["kl"] < 0.1
     for method in ("ppo", "dpo"):
         assert 0.0 <= s[method]["gold_win_rate_vs_sft"] <= 1.0
     assert s["dpo"]["training"]["step"] == 10  # 300 pairs / 32 per step
@@ -102,7 +105,7 @@ def test_scaled_down_demo_writes_its_files(tmp_path):
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["iteration"] for m in lines] == [1, 2, 3]
     assert all("gold_reward_mean" in m and "reward_mean" in m and "kl_mean" in m for m in lines)
-    assert lines[0]["kl_mean"] == pytest.approx(0.0, abs=1e-5)  # policy == reference at the start
+    assert -1e-4 < lines[0]["kl_mean"] < 0.1  # policy == reference at the start (as above)
     assert (out / "curves.png").stat().st_size > 10_000
     assert (out / "rm" / "config.json").exists() and (out / "ppo.yaml").exists()
 

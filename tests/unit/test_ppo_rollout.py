@@ -299,3 +299,77 @@ def test_shared_prompt_tokens_counts_repeats_within_one_request() -> None:
 
     assert shared_prompt_tokens([[1, 2, 3]] * 4 + [[5, 6]] + [[7] * 10] * 2) == 3 * 3 + 10
     assert shared_prompt_tokens([[1, 2], [1, 3]]) == 0
+
+
+def test_sampling_mask_gives_the_log_probs_of_the_distribution_sampled_from() -> None:
+    """Mass on a never-drawn token (EOS before min_new_tokens, a suppressed id) changes nothing
+    under the mask; under the full softmax it lowers every drawn token's log-prob, which is how a
+    PPO policy once hid its KL (`SamplingMask`)."""
+    from policy_trainer.sampling import SamplingMask
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 3, 7, generator=g)  # [B, R, V]
+    labels = T([[3, 4, 1], [5, 6, 6]])  # EOS (1) drawn only at position 2, past min_new_tokens
+    drawn = SamplingMask(eos_id=1, suppress_ids=(0, 2), min_new_tokens=2)
+    masked = drawn.apply(logits)
+    # exactly log_softmax over the allowed tokens of each position
+    allowed = [[3, 4, 5, 6], [3, 4, 5, 6], [1, 3, 4, 5, 6]]
+    for t, ids in enumerate(allowed):
+        sub = torch.log_softmax(logits[:, t, ids], dim=-1)  # [B, |ids|]
+        for b in range(2):
+            want = sub[b, ids.index(int(labels[b, t]))]
+            torch.testing.assert_close(
+                logprobs_from_logits(masked, labels)[b, t], want, atol=1e-6, rtol=0
+            )
+    # piling mass onto the blocked EOS at position 0: the masked log-probs do not move
+    hidden = logits.clone()
+    hidden[:, 0, 1] += 10.0
+    torch.testing.assert_close(
+        logprobs_from_logits(drawn.apply(hidden), labels),
+        logprobs_from_logits(masked, labels),
+        atol=1e-6,
+        rtol=0,
+    )
+    assert (
+        logprobs_from_logits(hidden, labels)[:, 0] < logprobs_from_logits(logits, labels)[:, 0] - 5
+    ).all()
+    # finite everywhere: the entropy of a masked distribution is a number
+    from policy_trainer.losses import entropy_from_logits
+
+    assert torch.isfinite(entropy_from_logits(masked)).all()
+
+
+def test_rollout_log_probs_are_under_the_sampling_mask(tiny_policy) -> None:
+    import policy_trainer.rollout as rollout
+    from policy_trainer.config import RolloutConfig
+    from policy_trainer.data import Prompt
+
+    tok, model = tiny_policy
+    prompts = [Prompt(t, tok(t)["input_ids"]) for t in ["the cat", "one two"]]
+
+    def collect(as_sampled: bool) -> rollout.RolloutBatch:
+        cfg = RolloutConfig(
+            samples_per_prompt=2, chunk_size=4, max_new_tokens=5, min_new_tokens=2,
+            logprobs_as_sampled=as_sampled,
+        )  # fmt: skip
+        batch, _ = rollout.collect_rollout(
+            model, prompts, cfg, _RecordingRemote([]), tok, torch.device("cpu"),
+            torch.Generator().manual_seed(3),
+        )  # fmt: skip
+        return batch
+
+    plain, batch = collect(False), collect(True)
+    assert plain.sampling_mask is None  # the default: full-softmax log-probs, as before
+    assert torch.equal(plain.response, batch.response)  # the same samples either way
+    drawn = batch.sampling_mask
+    assert drawn is not None and drawn.eos_id == tok.eos_token_id and drawn.min_new_tokens == 2
+    special = {int(i) for i in tok.all_special_ids} - {tok.eos_token_id}
+    assert set(drawn.suppress_ids) == special
+    args = (batch.query, batch.query_mask, batch.response, batch.response_mask, 1.0)
+    masked, _ = policy_logprobs(model, *args, drawn)
+    full, _ = policy_logprobs(model, *args)
+    torch.testing.assert_close(batch.old_logprobs, masked, atol=1e-6, rtol=0)
+    torch.testing.assert_close(plain.old_logprobs, full, atol=1e-6, rtol=0)
+    # the first min_new_tokens positions renormalise without EOS: higher than the full softmax's
+    m = batch.response_mask.bool()
+    assert (batch.old_logprobs[:, :2][m[:, :2]] > full[:, :2][m[:, :2]]).all()

@@ -116,3 +116,35 @@ def test_update_raises_logprob_of_rewarded_responses(tiny_ac) -> None:
     assert seq_gain[1] < 0 and seq_gain[3] < 0  # punished ones less likely
     # the value head moved toward the returns (positive for the rewarded rows)
     assert new_values[0, : len(responses[0])].mean() > new_values[1, : len(responses[1])].mean()
+
+
+def test_update_takes_log_probs_under_the_batch_sampling_mask(tiny_ac) -> None:
+    """The PPO ratio compares log-probs of one distribution: with a `SamplingMask` on the batch
+    the update's are masked like the rollout's, so the ratio starts at exactly 1."""
+    from dataclasses import replace
+
+    from policy_trainer.sampling import SamplingMask
+
+    tok, model = tiny_ac
+    prompts = [tok("the cat")["input_ids"], tok("a big red car")["input_ids"]]
+    q, qm = left_pad(prompts, tok.pad_token_id)
+    r, rm = right_pad([[40, 41, tok.eos_token_id], [50, 51]], tok.pad_token_id, width=3)
+    special = tuple(sorted({int(i) for i in tok.all_special_ids} - {tok.eos_token_id}))
+    drawn = SamplingMask(tok.eos_token_id, special, min_new_tokens=2)
+    logp, values = policy_logprobs(model, q, qm, r, rm, 1.0, drawn)
+    batch = RolloutBatch(
+        query=q, query_mask=qm, response=r, response_mask=rm, old_logprobs=logp,
+        ref_logprobs=logp.clone(), old_values=values, scores=T([1.0, -1.0]),
+        has_eos=T([True, False]), valid=torch.ones(2, dtype=torch.bool), completions=[""] * 2,
+        sampling_mask=drawn,
+    )  # fmt: skip
+    cfg = PPOConfig(epochs=1, minibatch_size=2, micro_batch_size=2)
+    exp = make_experience(batch, cfg, 0.05, 1, None)
+    masked = minibatch_losses(model, batch, exp, torch.arange(2), cfg, 1.0, True)
+    assert masked.ratio_max_abs_dev.item() < 1e-5
+    # the same batch without its mask: the update's full-softmax log-probs are lower, ratio < 1
+    full = minibatch_losses(
+        model, replace(batch, sampling_mask=None), exp, torch.arange(2), cfg, 1.0, True
+    )
+    assert full.ratio_max_abs_dev.item() > 1e-4
+    assert full.ratio_mean.item() < 1.0
