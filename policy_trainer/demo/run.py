@@ -103,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pairs", type=int, default=20000, help="training preference pairs")
     # 3,000 held-out pairs: the RM accuracy's sampling error is ~ +-0.6 points (800: +-1.2)
     p.add_argument("--heldout-pairs", type=int, default=3000)
-    p.add_argument("--rm-epochs", type=int, default=2)
+    p.add_argument("--rm-epochs", type=int, default=3)
+    p.add_argument("--rm-lr", type=float, default=3e-3, help="reward model learning rate")
     p.add_argument("--eval-prompts", type=int, default=512)
     p.add_argument(
         "--bon-n",
@@ -177,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         "--batch-size",
         "32",
         "--lr",
-        "1e-3",
+        str(args.rm_lr),
         "--max-length",
         "32",
         "--seed",
