@@ -488,6 +488,8 @@ class Engine:
             ) from exc
         batcher = self._batcher(name, runner)
         batcher.overhead_tokens = cur.batcher.overhead_tokens  # same device, same shape of cost
+        if cur.batcher.overhead_learner is not None:  # and refitted from its own forwards
+            batcher.overhead_learner = calibration.OverheadLearner(batcher.overhead_tokens)
         batcher.start()
         new = Served(name, runner, batcher, version)
         # The switch: no await from here to the return, so no request sees half of it.

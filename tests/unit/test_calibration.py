@@ -136,3 +136,31 @@ def test_warmup_hands_the_batcher_a_learner_unless_the_operator_set_the_cost(
         assert learner.value == overhead and math.isfinite(overhead)
     else:
         assert learner is None and overhead == 0.0
+
+
+def test_a_reloaded_model_keeps_the_fixed_cost_and_refits_it(tiny_ckpts, tmp_path):
+    from reward_server.config import ServerConfig
+    from reward_server.engine.engine import Engine
+    from reward_server.tiny import build_tiny_checkpoints
+
+    other = build_tiny_checkpoints(tmp_path / "v2", seed=1)
+    engine = Engine(ServerConfig(reward_models={"rm": str(tiny_ckpts.reward)}))
+    engine.load()
+
+    async def main() -> tuple[object, object, float, float]:
+        engine.start()
+        try:
+            await engine.warmup()
+            old = engine.batchers["rm"]
+            result = await engine.reload("rm", str(other.reward))
+            assert result.status == "reloaded"
+            new = engine.served["rm"].batcher
+            return old, new, old.overhead_tokens, new.overhead_tokens
+        finally:
+            await engine.stop()
+
+    old, new, before, after = asyncio.run(main())
+    assert new is not old
+    assert after == before
+    assert isinstance(new.overhead_learner, OverheadLearner)
+    assert new.overhead_learner is not old.overhead_learner
