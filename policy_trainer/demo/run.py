@@ -103,8 +103,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pairs", type=int, default=20000, help="training preference pairs")
     # 3,000 held-out pairs: the RM accuracy's sampling error is ~ +-0.6 points (800: +-1.2)
     p.add_argument("--heldout-pairs", type=int, default=3000)
-    p.add_argument("--rm-epochs", type=int, default=3)
-    p.add_argument("--rm-lr", type=float, default=3e-3, help="reward model learning rate")
+    p.add_argument(
+        "--rm-epochs",
+        type=int,
+        default=None,
+        help="reward model epochs (default 3; 2 with --overoptimization)",
+    )
+    p.add_argument(
+        "--rm-lr",
+        type=float,
+        default=None,
+        help="reward model learning rate (default 3e-3; 1e-3 with --overoptimization)",
+    )
     p.add_argument("--eval-prompts", type=int, default=512)
     p.add_argument(
         "--bon-n",
@@ -174,11 +184,13 @@ def main(argv: list[str] | None = None) -> int:
         "--output",
         str(out / "rm"),
         "--epochs",
-        str(args.rm_epochs),
+        str(args.rm_epochs or (2 if args.overoptimization else 3)),
         "--batch-size",
         "32",
         "--lr",
-        str(args.rm_lr),
+        # the over-optimisation run keeps the weaker proxy (held-out 0.858 against 0.872): a
+        # smaller or less trained reward model is over-optimised sooner (Gao et al. 2022, s3)
+        str(args.rm_lr or (1e-3 if args.overoptimization else 3e-3)),
         "--max-length",
         "32",
         "--seed",
