@@ -92,15 +92,6 @@ def apply_intra_op_threads(configured: int, streams: int, device: str) -> int:
     return n
 
 
-def overhead_from_timings(
-    t_big: float, padded_big: int, t_small: float, padded_small: int
-) -> float:
-    """Fit ``seconds = c0 + c1 * padded_tokens`` through a big and a small batch and return
-    ``c0 / c1``: a forward's fixed cost in tokens (infinite when the fit fails, which makes the
-    batcher fill its budget)."""
-    return overhead_from_fit([(padded_small, t_small), (padded_big, t_big)])
-
-
 def overhead_from_fit(points: Sequence[tuple[int, float]]) -> float:
     """Least-squares fit of ``seconds = c0 + c1 * padded_tokens`` through ``(padded_tokens,
     seconds)`` points; returns ``c0 / c1``, a forward's fixed cost in tokens, clamped at 0

@@ -12,7 +12,7 @@ import torch
 
 from reward_server.devices import DeviceError, resolve_device, resolve_dtype
 from reward_server.dropout import disable_dropout
-from reward_server.engine.calibration import default_intra_op_threads, overhead_from_timings
+from reward_server.engine.calibration import default_intra_op_threads, overhead_from_fit
 from reward_server.fingerprint import tokenizer_fingerprint
 from reward_server.seeding import seed_everything
 from reward_server.tokenizer_loading import PAD_TOKEN, classifier_pad_id, load_tokenizer
@@ -135,10 +135,10 @@ def test_seed_everything_repeats_python_numpy_and_torch_draws():
 
 def test_overhead_fit_and_thread_default():
     # 1 ms fixed + 0.01 ms per token: c0 / c1 = 100 tokens
-    assert overhead_from_timings(0.001 + 1e-5 * 1000, 1000, 0.001 + 1e-5 * 10, 10) == (
+    assert overhead_from_fit([(10, 0.001 + 1e-5 * 10), (1000, 0.001 + 1e-5 * 1000)]) == (
         pytest.approx(100.0)
     )
-    assert overhead_from_timings(0.01, 1000, 0.02, 10) == math.inf  # the big batch was faster
+    assert overhead_from_fit([(10, 0.02), (1000, 0.01)]) == math.inf  # the big batch was faster
     assert default_intra_op_threads(3, 2, "cpu") == 3
     assert default_intra_op_threads(0, 1, "cpu") == 0
     assert default_intra_op_threads(0, 2, "cuda") == 0
