@@ -12,14 +12,18 @@ prompt/completion boundary simply gives a shorter shared prefix.
 
 Two passes per batch:
 1. prefix pass: the unique prefixes, right-padded, ``use_cache=True``;
-2. continuation pass: every member's remaining tokens, right-padded, against its group's cache
-   (the cache rows are gathered per member), with ``position_ids = prefix_len + arange`` and an
-   attention mask that is the prefix's mask (its padding masked) followed by the continuation's.
+2. continuation pass, packed (`pack_rows`, `run_packed`): the members of a group side by side in
+   rows (no padding between them) against a copy of their group's cache per row, under a
+   block-diagonal causal 4D mask, ``position_ids = prefix_len + offset``. A model whose attention
+   does not take a custom 4D mask (it fails the runners' load-time check) runs the padded form
+   instead (`chunk_members`, `run_continuations`): every member right-padded to the longest,
+   against its own copy of the cache, the prefix's mask followed by the continuation's.
 
 Memory: the gathered cache of one continuation chunk holds
-``2 x layers x chunk_items x longest_prefix x kv_width`` elements; chunks are sized so that this
-stays under the runner's cache budget (``prefix_cache_mb``), so a large group is split into
-several continuation chunks, never failed.
+``2 x layers x rows x (longest_prefix + longest_row) x kv_width`` elements (packed; per member
+instead of per row when padded); chunks are sized so that this stays under the runner's cache
+budget (``prefix_cache_mb``), so a large group is split into several continuation chunks, never
+failed.
 """
 
 from __future__ import annotations
@@ -349,3 +353,125 @@ def run_continuations(
         **{cache_arg: cache},
     )
     return out, ids
+
+
+PACK_ROW_TOKENS = 256
+"""Most continuation tokens packed into one row of the packed continuation pass (a larger group
+is spread over several rows of about equal length). Packing removes the padding of continuations
+to the longest and the per-member copies of the prefix cache; the price is attention computed over
+the whole row and masked (block-diagonal), which grows with the row's length squared, so rows stay
+short next to a forward's matrix work (measured in docs/BENCHMARKS.md, "Prefix sharing")."""
+
+
+@dataclass
+class PackedRow:
+    """Members of one group whose continuations run side by side in one row of the packed pass."""
+
+    group: int  # the group's row in the prefix pass
+    members: list[int]  # batch indices
+    starts: list[int]  # each member's first offset in the row
+    lengths: list[int]  # each member's continuation length
+
+    @property
+    def width(self) -> int:
+        return self.starts[-1] + self.lengths[-1]
+
+
+def pack_rows(
+    groups: Sequence[Group], seqs: Sequence[Sequence[int]], max_tokens: int = PACK_ROW_TOKENS
+) -> list[PackedRow]:
+    """Rows of the packed continuation pass: each group's members in order, a row closed before
+    a member that would take it past `max_tokens` (a member is never split: one longer than
+    `max_tokens` has a row of its own)."""
+    rows: list[PackedRow] = []
+    for r, g in enumerate(groups):
+        row = PackedRow(r, [], [], [])
+        for i in g.members:
+            c = len(seqs[i]) - g.prefix_len
+            if row.members and row.width + c > max_tokens:
+                rows.append(row)
+                row = PackedRow(r, [], [], [])
+            row.starts.append(row.width if row.members else 0)
+            row.members.append(i)
+            row.lengths.append(c)
+        rows.append(row)
+    return rows
+
+
+def chunk_rows(
+    rows: Sequence[PackedRow], pre: PrefixPass, cache_bytes: int
+) -> list[list[PackedRow]]:
+    """Rows in chunks whose key/value cache (the prefix gathered per row, grown by the row)
+    stays within `cache_bytes` (at least one row per chunk)."""
+    per_token = sum(k[0, :, :1].numel() * k.element_size() * 2 for k, _ in pre.layers)
+    width = pre.mask.shape[1]
+    chunks: list[list[PackedRow]] = []
+    cur: list[PackedRow] = []
+    longest = 0
+    for row in rows:
+        longest2 = max(longest, row.width)
+        if cur and (len(cur) + 1) * (width + longest2) * per_token > cache_bytes:
+            chunks.append(cur)
+            cur, longest2 = [], row.width
+        cur.append(row)
+        longest = longest2
+    if cur:
+        chunks.append(cur)
+    return chunks
+
+
+def run_packed(
+    call: Callable[..., Any],
+    rows: Sequence[PackedRow],
+    groups: Sequence[Group],
+    pre: PrefixPass,
+    seqs: Sequence[Sequence[int]],
+    pad_id: int,
+    device: str,
+    cache_arg: str = "cache",
+) -> Any:
+    """Run the continuations of `rows` against their groups' prefix caches, the members of a row
+    packed one after another (no padding between them) under a block-diagonal causal mask: each
+    token attends to its group's prefix and to the earlier tokens of its own continuation only,
+    at positions ``prefix_len + offset`` (a custom 4D additive mask, which transformers passes to
+    the attention as given: masking_utils, "If the mask is already 4D, simply return as-is").
+    Returns the model's output; row b's member m is at ``[b, starts[m]:starts[m]+lengths[m]]``."""
+    import torch
+    from transformers.cache_utils import DynamicCache
+
+    width = max(r.width for r in rows)
+    n, p_all = len(rows), pre.mask.shape[1]
+    ids = torch.full((n, width), pad_id, dtype=torch.long)  # [R, L]
+    pos = torch.zeros((n, width), dtype=torch.long)  # [R, L]
+    allowed = torch.zeros((n, 1, width, p_all + width), dtype=torch.bool)  # [R, 1, L, P + L]
+    causal = torch.ones((width, width), dtype=torch.bool).tril()  # [L, L]
+    group_rows = torch.tensor([r.group for r in rows], device=pre.mask.device)  # [R]
+    allowed[:, 0, :, :p_all] = pre.mask[group_rows].bool().cpu()[:, None, :]
+    for b, row in enumerate(rows):
+        p = groups[row.group].prefix_len
+        for i, s, c in zip(row.members, row.starts, row.lengths, strict=True):
+            ids[b, s : s + c] = torch.tensor(list(seqs[i][p:]))
+            pos[b, s : s + c] = torch.arange(p, p + c)
+            allowed[b, 0, s : s + c, p_all + s : p_all + s + c] = causal[:c, :c]
+    dtype = pre.layers[0][0].dtype
+    mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
+    cache = DynamicCache(ddp_cache_data=[(k[group_rows], v[group_rows]) for k, v in pre.layers])
+    return call(
+        input_ids=ids.to(device),
+        attention_mask=mask.to(device),
+        position_ids=pos.to(device),
+        use_cache=True,
+        **{cache_arg: cache},
+    )
+
+
+def packed_head(model: Any) -> Any:
+    """The classification head of a decoder sequence classifier that maps each position's hidden
+    state on its own (a linear ``score``, as GPT-2's, Llama's and the generic
+    ``*ForSequenceClassification`` are: ``logits = score(hidden)``, then pooled at the last
+    non-pad token), which the packed pass applies to the picked positions; None otherwise (the
+    padded continuation pass runs the whole model instead)."""
+    import torch
+
+    head = getattr(model, "score", None)
+    return head if isinstance(head, torch.nn.Linear) else None

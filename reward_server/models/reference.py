@@ -12,7 +12,7 @@ budget (vllm #5907 ran out of memory building it whole).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -23,15 +23,20 @@ from reward_server.errors import InvalidArgument
 from reward_server.fingerprint import tokenizer_fingerprint
 from reward_server.models.loading import LoadOptions, load_model, max_positions
 from reward_server.models.prefix import (
+    PACK_ROW_TOKENS,
     Group,
+    PrefixPass,
     SharingObserver,
     cache_argument,
     chunk_members,
+    chunk_rows,
     distinct_heads,
     forward_grouped,
+    pack_rows,
     plan_groups,
     probe_ids,
     run_continuations,
+    run_packed,
     run_prefix,
     sharing_agrees,
 )
@@ -83,6 +88,7 @@ class ReferenceRunner:
         tokenizer: Any = None,
         prefix_sharing: bool = True,
         prefix_cache_mb: float = 256.0,
+        pack_continuations: bool = True,
         **load: Unpack[LoadOptions],
     ) -> None:
         """Load `source` with the `load` options (`LoadOptions`), unless `model` and
@@ -117,10 +123,16 @@ class ReferenceRunner:
         self.cache_bytes = int(prefix_cache_mb * (1 << 20))
         self.on_sharing: SharingObserver | None = None  # set by the engine (metrics)
         self.cache_arg = cache_argument(self.trunk) if prefix_sharing else None
+        self.pack_continuations = pack_continuations
+        self.pack_row_tokens = PACK_ROW_TOKENS  # continuation tokens per packed row
         if self.cache_arg:
             probe = probe_ids(self.vocab_size, self.pad_id)
             seqs = [RefSequence(probe[:k], 10) for k in (21, 22, 24)]
-            if not sharing_agrees(self._forward_plain, self._forward, seqs, self.dtype):
+            ok = sharing_agrees(self._forward_plain, self._forward, seqs, self.dtype)
+            if not ok and self.pack_continuations:  # e.g. an attention that takes no 4D mask
+                self.pack_continuations = False
+                ok = sharing_agrees(self._forward_plain, self._forward, seqs, self.dtype)
+            if not ok:
                 self.cache_arg = None
         self.prefix_sharing = self.cache_arg is not None
 
@@ -181,24 +193,19 @@ class ReferenceRunner:
             if pre is None:
                 return False
             pre_hidden = pre.output[0]  # [G, P, H]
-            n_pre, width = pre_hidden.shape[0] * pre_hidden.shape[1], pre_hidden.shape[1]
-            for chunk in chunk_members(groups, pre, self.cache_bytes):
-                res, ids = run_continuations(
-                    self.trunk, chunk, groups, pre, seqs, self.pad_id, dev, self.cache_arg
-                )
-                hidden = res[0]  # [B, C, H]
-                cont_w = hidden.shape[1]
+            n_pre, p_width = pre_hidden.shape[0] * pre_hidden.shape[1], pre_hidden.shape[1]
+            for hidden, placed in self._continuations(groups, seqs, pre):
                 index, targets, temps, counts = [], [], [], []
-                for b, (r, i) in enumerate(chunk):
+                for i, r, base in placed:
                     s, p = batch[i], groups[r].prefix_len
                     for j in range(s.response_start - 1, len(s.token_ids) - 1):
-                        index.append(r * width + j if j < p else n_pre + b * cont_w + (j - p))
+                        index.append(r * p_width + j if j < p else n_pre + base + (j - p))
                     targets += s.token_ids[s.response_start :]
                     counts.append(len(s.token_ids) - s.response_start)
                     temps += [s.temperature] * counts[-1]
                 flat = torch.cat(
                     [pre_hidden.reshape(n_pre, -1), hidden.reshape(-1, hidden.shape[-1])]
-                )  # [G*P + B*C, H]
+                )  # [G*P + B*W, H]
                 logps = (
                     self._logps(
                         flat[torch.tensor(index, device=dev)],
@@ -209,10 +216,41 @@ class ReferenceRunner:
                     .numpy()
                 )
                 offset = 0
-                for (_, i), k in zip(chunk, counts, strict=True):
+                for (i, _, _), k in zip(placed, counts, strict=True):
                     out[i] = logps[offset : offset + k].copy()
                     offset += k
         return True
+
+    def _continuations(
+        self, groups: list[Group], seqs: list[list[int]], pre: PrefixPass
+    ) -> Iterator[tuple[Any, list[tuple[int, int, int]]]]:
+        """The continuation pass in chunks: (hidden states [B, W, H], and per member (batch
+        index, group row, flat index in the hidden states of its first continuation token)).
+        Packed (`prefix.run_packed`: members side by side in rows), or padded
+        (`prefix.run_continuations`: a row per member) for a model that takes no 4D mask."""
+        dev = self.device
+        if self.pack_continuations:
+            rows = pack_rows(groups, seqs, self.pack_row_tokens)
+            for chunk in chunk_rows(rows, pre, self.cache_bytes):
+                hidden = run_packed(
+                    self.trunk, chunk, groups, pre, seqs, self.pad_id, dev, self.cache_arg
+                )[0]  # [R, L, H]
+                w = hidden.shape[1]
+                yield (
+                    hidden,
+                    [
+                        (i, row.group, b * w + start)
+                        for b, row in enumerate(chunk)
+                        for i, start in zip(row.members, row.starts, strict=True)
+                    ],
+                )
+            return
+        for chunk in chunk_members(groups, pre, self.cache_bytes):
+            hidden = run_continuations(
+                self.trunk, chunk, groups, pre, seqs, self.pad_id, dev, self.cache_arg
+            )[0][0]  # [B, C, H]
+            w = hidden.shape[1]
+            yield hidden, [(i, r, b * w) for b, (r, i) in enumerate(chunk)]
 
     def _logps(self, h: Any, targets: Any, temps: Any) -> Any:
         """float32 log-probs [N] of `targets` [N] from hidden states `h` [N, H] at `temps` [N],

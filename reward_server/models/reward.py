@@ -15,15 +15,21 @@ from reward_server.errors import InvalidArgument
 from reward_server.fingerprint import tokenizer_fingerprint
 from reward_server.models.loading import LoadOptions, load_model, max_positions
 from reward_server.models.prefix import (
+    PACK_ROW_TOKENS,
     Group,
+    PrefixPass,
     SharingObserver,
     cache_argument,
     chunk_members,
+    chunk_rows,
     distinct_heads,
     forward_grouped,
+    pack_rows,
+    packed_head,
     plan_groups,
     probe_ids,
     run_continuations,
+    run_packed,
     run_prefix,
     sharing_agrees,
 )
@@ -295,13 +301,16 @@ class RewardRunner(RewardRunnerBase):
         tokenizer: Any = None,
         prefix_sharing: bool = True,
         prefix_cache_mb: float = 256.0,
+        pack_continuations: bool = True,
         input_format: str = "auto",
         **load: Unpack[LoadOptions],
     ) -> None:
         """Load `source` with the `load` options (`LoadOptions`), unless `model` and
         `tokenizer` are given already loaded. With `prefix_sharing`, items of a batch that share
         leading tokens run them once (`reward_server.models.prefix`; causal models only), the
-        gathered prefix cache of one pass held under `prefix_cache_mb`."""
+        gathered prefix cache of one pass held under `prefix_cache_mb`; `pack_continuations`
+        runs a group's continuations packed into rows (`prefix.run_packed`) rather than each
+        padded to the longest against its own copy of the cache."""
         from transformers import AutoModelForSequenceClassification
 
         tokenizer = tokenizer or load_tokenizer(
@@ -328,10 +337,17 @@ class RewardRunner(RewardRunnerBase):
         self.on_sharing: SharingObserver | None = None  # set by the engine (metrics)
         self.cache_arg = cache_argument(self.model) if prefix_sharing else None
         self.trunk = getattr(self.model, self.model.base_model_prefix, None)
+        self.packed_head = packed_head(self.model) if pack_continuations else None
+        self.pack_row_tokens = PACK_ROW_TOKENS  # continuation tokens per packed row
         if self.cache_arg and self.trunk is not None:
             probe = probe_ids(self.vocab_rows(), self.pad_id)
             probe_items = [EncodedItem(probe[:k], False) for k in (21, 22, 24)]
-            if not sharing_agrees(self._forward_plain, self._forward, probe_items, self.dtype):
+            ok = sharing_agrees(self._forward_plain, self._forward, probe_items, self.dtype)
+            if not ok and self.packed_head is not None:
+                log.info("%s: packed continuations disagree with the model; padded ones", name)
+                self.packed_head = None
+                ok = sharing_agrees(self._forward_plain, self._forward, probe_items, self.dtype)
+            if not ok:
                 log.info("%s: shared-prefix path disagrees with the model; not used", name)
                 self.cache_arg = None
         else:
@@ -370,6 +386,9 @@ class RewardRunner(RewardRunnerBase):
             pre = run_prefix(self.trunk, groups, seqs, self.pad_id, self.device)
             if pre is None:
                 return False
+            if self.packed_head is not None:
+                self._continue_packed(groups, seqs, pre, out)
+                return True
             for chunk in chunk_members(groups, pre, self.cache_bytes):
                 res, _ = run_continuations(
                     self.model, chunk, groups, pre, seqs, self.pad_id, self.device, self.cache_arg
@@ -378,6 +397,33 @@ class RewardRunner(RewardRunnerBase):
                 for b, (_, i) in enumerate(chunk):
                     out[i] = values[b]
         return True
+
+    def _continue_packed(
+        self, groups: list[Group], seqs: list[list[int]], pre: PrefixPass, out: list[Any]
+    ) -> None:
+        """The continuation pass packed (`prefix.run_packed`): the trunk's hidden state at each
+        member's last non-pad token through the classification head (what the model's own
+        pooling reads)."""
+        import torch
+
+        for chunk in chunk_rows(
+            pack_rows(groups, seqs, self.pack_row_tokens), pre, self.cache_bytes
+        ):
+            hidden = run_packed(
+                self.trunk, chunk, groups, pre, seqs, self.pad_id, self.device, self.cache_arg
+            )[0]  # [R, L, H]
+            width = hidden.shape[1]
+            index, who = [], []
+            for b, row in enumerate(chunk):
+                p = groups[row.group].prefix_len
+                for i, s in zip(row.members, row.starts, strict=True):
+                    index.append(b * width + s + self.share_limit(seqs[i]) - p)
+                    who.append(i)
+            flat = hidden.reshape(-1, hidden.shape[-1])  # [R*L, H]
+            picked = flat[torch.tensor(index, device=flat.device)]  # [N, H]
+            values = self.packed_head(picked).float().cpu().numpy()  # [N, labels]
+            for n, i in enumerate(who):
+                out[i] = values[n]
 
     def _forward_plain(self, batch: Sequence[EncodedItem]) -> list[np.ndarray]:
         """Every item whole, right-padded, in one forward."""

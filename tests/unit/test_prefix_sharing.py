@@ -11,6 +11,7 @@ from reward_server.models.prefix import (
     Group,
     batch_lengths,
     common_prefix_len,
+    pack_rows,
     plan_groups,
     tokens_saved,
 )
@@ -80,15 +81,39 @@ def _items(rng: random.Random) -> list[tuple[str, str]]:
     return pairs
 
 
+def test_pack_rows_places_every_member_once_in_rows_of_about_equal_length():
+    seqs = [P + [1] * n for n in (30, 10, 25, 5, 40)] + [P[:20] + [2] * 8, P[:20] + [3] * 9]
+    groups = [Group([0, 1, 2, 3, 4], 40), Group([5, 6], 20)]
+    rows = pack_rows(groups, seqs, max_tokens=50)
+    # group 0: 110 continuation tokens -> ceil(110 / 50) = 3 rows; group 1: 17 -> 1 row
+    assert [r.group for r in rows] == [0, 0, 0, 1]
+    assert sorted(i for r in rows for i in r.members) == list(range(7))
+    for r in rows:
+        p = groups[r.group].prefix_len
+        assert r.lengths == [len(seqs[i]) - p for i in r.members]
+        assert r.starts == [sum(r.lengths[:k]) for k in range(len(r.lengths))]  # no gaps
+    assert [r.width for r in rows] == [40, 30, 40, 17]
+    one_each = pack_rows(groups, seqs, max_tokens=1)  # never splits a member
+    assert [len(r.members) for r in one_each] == [1, 1, 1, 1, 1, 1, 1]
+
+
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "padded"])
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
-def test_reward_runner_shared_equals_plain(family, tiny_ckpts, tiny_llama):
+def test_reward_runner_shared_equals_plain(family, packed, tiny_ckpts, tiny_llama):
     import torch
 
     from reward_server.models.reward import RewardRunner, ScoreInput
 
     paths = tiny_ckpts if family == "gpt2" else tiny_llama
-    rm = RewardRunner("rm", str(paths.multihead_reward), device="cpu", dtype=torch.float32)
+    rm = RewardRunner(
+        "rm",
+        str(paths.multihead_reward),
+        device="cpu",
+        dtype=torch.float32,
+        pack_continuations=packed,
+    )
     assert rm.prefix_sharing
+    assert (rm.packed_head is not None) == packed
     seen: list[list[int]] = []
     rm.on_sharing = lambda _name, groups: seen.append([len(g.members) for g in groups])
     items = [ScoreInput(p, c) for p, c in _items(random.Random(1))]
@@ -97,19 +122,24 @@ def test_reward_runner_shared_equals_plain(family, tiny_ckpts, tiny_llama):
     shared = rm.forward(enc)
     np.testing.assert_allclose(np.stack(shared), np.stack(plain), atol=1e-5)
     assert seen and sorted(seen[0]) == [4, 6]
-    rm.cache_bytes = 1  # one member per continuation pass: same numbers
+    rm.cache_bytes = 1  # one member (padded) or one row (packed) per continuation pass
+    np.testing.assert_allclose(np.stack(rm.forward(enc)), np.stack(plain), atol=1e-5)
+    rm.cache_bytes, rm.pack_row_tokens = 1 << 30, 7  # several packed rows per group
     np.testing.assert_allclose(np.stack(rm.forward(enc)), np.stack(plain), atol=1e-5)
 
 
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "padded"])
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
-def test_reference_runner_shared_equals_plain(family, tiny_ckpts, tiny_llama):
+def test_reference_runner_shared_equals_plain(family, packed, tiny_ckpts, tiny_llama):
     import torch
 
     from reward_server.models.reference import ReferenceRunner, RefSequence
 
     paths = tiny_ckpts if family == "gpt2" else tiny_llama
-    ref = ReferenceRunner("ref", str(paths.reference), device="cpu", dtype=torch.float32)
-    assert ref.prefix_sharing
+    ref = ReferenceRunner(
+        "ref", str(paths.reference), device="cpu", dtype=torch.float32, pack_continuations=packed
+    )
+    assert ref.prefix_sharing and ref.pack_continuations == packed
     rng = random.Random(2)
     p = [rng.randrange(3, 400) for _ in range(50)]
     seqs = [RefSequence(p + [rng.randrange(3, 400) for _ in range(rng.randint(1, 9))], 50, 0.7)]
@@ -118,9 +148,11 @@ def test_reference_runner_shared_equals_plain(family, tiny_ckpts, tiny_llama):
     seqs += [RefSequence(p[:30] + [5, 6, 7], 12, 0.7), RefSequence(p[:30] + [5, 8], 31, 0.7)]
     seqs += [RefSequence([1, 2, 3], 1, 0.7)]
     plain = ref._forward_plain(seqs)
-    shared = ref.forward(seqs)
-    for a, b in zip(shared, plain, strict=True):
-        np.testing.assert_allclose(a, b, atol=1e-5)
+    for rows_of in (256, 4):  # one packed row per group, then several
+        ref.pack_row_tokens = rows_of
+        shared = ref.forward(seqs)
+        for a, b in zip(shared, plain, strict=True):
+            np.testing.assert_allclose(a, b, atol=1e-5)
 
 
 def test_encoder_reward_model_takes_the_plain_path():
