@@ -239,7 +239,9 @@ def test_native_grpc_probes_use_the_servers_port() -> None:
 
 
 def test_tls_overlays_probe_over_tls_with_exec() -> None:
-    for directory in res.overlay_dirs():
+    tls = [d for d in res.overlay_dirs() if "tls" in d.name]
+    assert len(tls) == 2
+    for directory in tls:
         docs = res.render_kustomization(directory)
         deployment = next(d for d in docs if d["kind"] == "Deployment")
         container = deployment["spec"]["template"]["spec"]["containers"][0]
@@ -338,3 +340,23 @@ def test_trainer_balances_over_the_headless_service() -> None:
     assert launches
     for torchrun in launches:  # --server belongs to the launched `policy_trainer.cli ppo`
         assert torchrun.option("--server") == expected, torchrun.where
+
+
+def test_reload_overlay_mounts_the_admin_token_and_the_config_as_a_directory() -> None:
+    """SIGHUP re-reads the config only if the kubelet updates the file: a ConfigMap mounted with
+    subPath never changes in a running pod; the admin token comes from its own Secret."""
+    directory = next(d for d in res.overlay_dirs() if d.name == "reload")
+    docs = res.render_kustomization(directory)
+    deployment = next(d for d in docs if d["kind"] == "Deployment")
+    spec = deployment["spec"]["template"]["spec"]
+    container = spec["containers"][0]
+    argv = container["args"]
+    config, admin_file = (argv[argv.index(flag) + 1] for flag in ("--config", "--admin-token-file"))
+    config_mount = next(m for m in container["volumeMounts"] if m["name"] == "config")
+    assert "subPath" not in config_mount
+    files = res.container_files(spec, container)
+    assert config in files and "reward_models" in files[config]
+    admin = next(v for v in spec["volumes"] if v["name"] == "admin")["secret"]["secretName"]
+    assert admin != "reward-server-tokens"
+    # the example Secret defines the file the flag names (the real one is created by hand)
+    assert admin_file in files
