@@ -187,6 +187,10 @@ class ServerConfig:
     telemetry_max_tenants: int = 16
     """Distinct tenants with their own telemetry windows and metric labels; later ones share
     the tenant ``_other`` (bounded label cardinality)."""
+    stats_viewers: list[str] = field(default_factory=list)
+    """With auth on: the tenants (token names) whose GetStats sees every tenant's telemetry
+    windows; any other caller sees only its own tenant's (and PERMISSION_DENIED asking for
+    another's). With auth off everyone sees everything. Comma-separated on the command line."""
 
     # ---------------------------------------------------------------- checks
     def validate(self) -> None:
@@ -292,7 +296,7 @@ class ServerConfig:
 
     def _validate_tenants(self) -> None:
         """The tenant keys: names, weights and quotas (read back by `shares` and `quotas`)."""
-        for key in ("tenant_shares", "tenant_quotas"):
+        for key in ("tenant_shares", "tenant_quotas", "stats_viewers"):
             for name in getattr(self, key):
                 require(
                     TENANT_NAME.match(name) is not None,

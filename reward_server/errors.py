@@ -35,6 +35,10 @@ class FailedPrecondition(ServiceError, code="FAILED_PRECONDITION"):
     """Tokenizer fingerprint mismatch; the model exists but has the wrong role for this RPC."""
 
 
+class PermissionDenied(ServiceError, code="PERMISSION_DENIED"):
+    """Valid credentials that do not allow this: another tenant's telemetry (GetStats)."""
+
+
 class ResourceExhausted(ServiceError, code="RESOURCE_EXHAUSTED"):
     """Queue full / over the concurrency limit: the client may retry with backoff."""
 

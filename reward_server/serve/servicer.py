@@ -17,7 +17,7 @@ import grpc
 from reward_server.api.rlhf.v1 import reward_service_pb2 as pb
 from reward_server.api.rlhf.v1 import reward_service_pb2_grpc as pb_grpc
 from reward_server.engine.engine import Engine
-from reward_server.errors import InvalidArgument, ServiceError, Unavailable
+from reward_server.errors import InvalidArgument, PermissionDenied, ServiceError, Unavailable
 from reward_server.score_result import ScoreResult
 from reward_server.serve import convert
 from reward_server.serve.metrics import ServerMetrics
@@ -378,13 +378,20 @@ class RewardServicer(pb_grpc.RewardServiceServicer):
     ) -> pb.GetStatsResponse:
         """The reward-hacking telemetry windows (`serve.telemetry`)."""
 
+        tenant = self.tenant_of(context)
+
         async def work(rid: str) -> pb.GetStatsResponse:
             if isinstance(request, Malformed):
                 raise request.error
+            if not isinstance(tenant, str):
+                raise tenant
             cfg = self.engine.config
+            only = self._stats_scope(tenant, request.tenant)
             windows = []
             if self.telemetry is not None:
-                windows = self.telemetry.stats(request.model, request.tenant)
+                windows = self.telemetry.stats(request.model, only)
+                if only:  # the telemetry keys tenants past its cap as `_other`
+                    windows = [w for w in windows if w.tenant == only]
             return convert.stats_response(
                 windows,
                 enabled=self.telemetry is not None,
@@ -393,7 +400,19 @@ class RewardServicer(pb_grpc.RewardServiceServicer):
                 max_tenants=cfg.telemetry_max_tenants,
             )
 
-        return await self._call("GetStats", context, "", 0, work)
+        return await self._call("GetStats", context, "", 0, work, _tenant_name(tenant))
+
+    def _stats_scope(self, caller: str, asked: str) -> str:
+        """The tenant whose windows a GetStats caller may see ("" = every tenant): with auth on,
+        its own unless it is one of `stats_viewers`; PermissionDenied asking for another's."""
+        if not self.tenants.auth or caller in self.engine.config.stats_viewers:
+            return asked
+        if asked and asked != caller:
+            raise PermissionDenied(
+                f"tenant {caller!r} may read its own telemetry only, not {asked!r} "
+                "(the server's --stats-viewers lists the tenants that see every tenant)"
+            )
+        return caller
 
 
 class AdminServicer:

@@ -10,6 +10,7 @@ from reward_server.errors import ServiceError
 HTTP_STATUS = {
     "INVALID_ARGUMENT": 400,
     "UNAUTHENTICATED": 401,
+    "PERMISSION_DENIED": 403,
     "FAILED_PRECONDITION": 412,
     "RESOURCE_EXHAUSTED": 429,
     "INTERNAL": 500,

@@ -24,9 +24,16 @@ def _m(samples: dict[str, float], name: str, **labels: str) -> float:
 
 def test_named_tokens_are_tenants_in_the_metrics(tiny_ckpts, tmp_path):
     token_file = tmp_path / "tokens"
-    token_file.write_text("alice:tok-alice\nbob:tok-bob\nunnamed-token\n")
+    token_file.write_text("alice:tok-alice\nbob:tok-bob\nunnamed-token\nops:tok-ops\n")
     sp = start_server(
-        ["--reward-model", f"rm={tiny_ckpts.reward}", "--auth-token-file", str(token_file)],
+        [
+            "--reward-model",
+            f"rm={tiny_ckpts.reward}",
+            "--auth-token-file",
+            str(token_file),
+            "--stats-viewers",
+            "ops",
+        ],
         tmp_path,
         metrics=True,
         ready_kwargs={"token": "tok-alice"},
@@ -51,6 +58,18 @@ def test_named_tokens_are_tenants_in_the_metrics(tiny_ckpts, tmp_path):
         assert _m(m, "tenant_queue_seconds_count", model="rm", tenant="bob") == 3
         assert _m(m, "tenant_tokens_total", model="rm", tenant="alice") == alice_tokens
         assert _m(m, "tenant_tokens_total", model="rm", tenant="bob") == bob_tokens
+        # GetStats: a tenant sees its own telemetry windows only; a stats viewer sees them all
+        with RewardClient(sp.address, token="tok-alice") as c:
+            assert [w.tenant for w in c.stats().windows] == ["alice"]
+            assert [w.tenant for w in c.stats(tenant="alice").windows] == ["alice"]
+            with pytest.raises(RewardServiceError) as err:
+                c.stats(tenant="bob")
+            assert err.value.code == grpc.StatusCode.PERMISSION_DENIED
+            assert "'alice'" in err.value.details and "'bob'" in err.value.details
+            assert len(c.score(PAIRS[:1])) == 1  # and the caller keeps being served
+        with RewardClient(sp.address, token="tok-ops") as c:
+            assert {w.tenant for w in c.stats().windows} == {"alice", "bob", "token-3"}
+            assert [w.tenant for w in c.stats(tenant="bob").windows] == ["bob"]
         # no label value is ever a token
         assert not any("tok-" in key or "unnamed-token" in key for key in m)
         assert "tok-alice" not in sp.log() and "unnamed-token" not in sp.log()

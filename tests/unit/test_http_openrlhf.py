@@ -84,6 +84,7 @@ def test_status_table():
     assert HTTP_STATUS == {
         "INVALID_ARGUMENT": 400,
         "UNAUTHENTICATED": 401,
+        "PERMISSION_DENIED": 403,
         "FAILED_PRECONDITION": 412,
         "RESOURCE_EXHAUSTED": 429,
         "INTERNAL": 500,
