@@ -236,9 +236,11 @@ class Engine:
                 f"too many {what}: {n} > max_items_per_request {self.config.max_items_per_request}; split the batch"
             )
 
-    def _check_fingerprint(self, name: str, items: list[ScoreInput], fingerprint: str) -> None:
+    @staticmethod
+    def _check_fingerprint(served: list[Served], items: list[ScoreInput], fingerprint: str) -> None:
         """Token-in scoring: ids need the request's fingerprint, and a fingerprint (sent with or
-        without ids) must be the model's, every member's for a combination."""
+        without ids) must be the admitted version's tokenizer's (a pinned old version's while it
+        is served), every member's for a combination."""
         if not fingerprint:
             if any(it.token_ids for it in items):
                 raise InvalidArgument(
@@ -246,12 +248,11 @@ class Engine:
                     "that produced them (GetServerInfo lists each model's)"
                 )
             return
-        comb = self.registry.combinations.get(name)
-        for member in comb.members if comb is not None else [name]:
-            have = self.registry.rewards[member].fingerprint
+        for member in served:
+            have = member.runner.fingerprint
             if fingerprint != have:
                 raise FailedPrecondition(
-                    f"tokenizer fingerprint {fingerprint!r} does not match model {member!r} "
+                    f"tokenizer fingerprint {fingerprint!r} does not match model {member.name!r} "
                     f"({have!r}): the token ids come from another vocabulary; send text instead"
                 )
 
@@ -273,11 +274,11 @@ class Engine:
         t0 = time.monotonic()
         self._check_count(len(items), "items")
         name = self.registry.resolve(model, "reward")
-        self._check_fingerprint(name, items, fingerprint)
         truncation = truncation or self.config.truncation
         if name in self.registry.combinations:
             comb = self.registry.combinations[name]
             version, members = self._admit_combination(name, model_version)
+            self._check_fingerprint(members, items, fingerprint)
             with _using(members):
                 parts = await asyncio.gather(
                     *(self._score_one(m, items, truncation, deadline, tenant) for m in members)
@@ -311,6 +312,7 @@ class Engine:
             )
         else:
             served = self._admit(name, model_version)
+            self._check_fingerprint([served], items, fingerprint)
             version = served.version
             with _using([served]):
                 results, timing = await self._score_one(served, items, truncation, deadline, tenant)

@@ -403,3 +403,61 @@ def ckpts_ns(ckpts):
     from types import SimpleNamespace
 
     return SimpleNamespace(reference=str(ckpts["ref"]), reward=str(ckpts["a"]))
+
+
+def _other_vocab(src: Path, dst: Path) -> Path:
+    """A copy of `src` whose tokenizer swaps the ids of two ordinary tokens: same size, other
+    fingerprint."""
+    import json
+
+    shutil.copytree(src, dst)
+    path = dst / "tokenizer.json"
+    tok = json.loads(path.read_text())
+    vocab = tok["model"]["vocab"]
+    a, b = sorted(vocab, key=vocab.get)[-2:]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    path.write_text(json.dumps(tok))
+    return dst
+
+
+def test_token_in_pinned_to_an_old_version_checks_that_versions_tokenizer(ckpts, tmp_path) -> None:
+    """A reload that changes the tokenizer: ids pinned to the old version are checked against
+    the old version's fingerprint (served inside the window), unpinned ones against the new."""
+    other = _other_vocab(ckpts["a"], tmp_path / "rm_vocab")
+    (tmp_path / "admin").write_text(ADMIN_TOKEN + "\n")
+    sp = start_server(
+        [
+            "--reward-model", f"rm={ckpts['a']}",
+            "--admin-token-file", str(tmp_path / "admin"),
+            "--reload-transition-s", "120",
+        ],
+        tmp_path,
+        env=SERVER_ENV,
+    )  # fmt: skip
+    ch, reload = _admin(sp.address, ADMIN_TOKEN)
+    try:
+        with RewardClient(sp.address) as c, ch:
+            (info,) = c.server_info().models
+            fp_a, va = info.tokenizer_fingerprint, info.model_version
+            ids = [[5, 9, 14, 7], [3, 8]]
+            before = c.score_ids(ids, tokenizer_fingerprint=fp_a, model="rm")
+            r = reload("rm", str(other))
+            assert r.status == "reloaded" and r.old_version == va
+            (info,) = c.server_info().models
+            fp_b, vb = info.tokenizer_fingerprint, info.model_version
+            assert fp_b != fp_a and vb != va
+            pinned = c.score_ids(ids, tokenizer_fingerprint=fp_a, model="rm", model_version=va)
+            assert {x.model_version for x in pinned} == {va}
+            np.testing.assert_allclose(
+                [x.score for x in pinned], [x.score for x in before], atol=1e-5
+            )
+            code, msg = _code(lambda: c.score_ids(ids, tokenizer_fingerprint=fp_a, model="rm"))
+            assert code == grpc.StatusCode.FAILED_PRECONDITION and fp_b in msg
+            code, _ = _code(
+                lambda: c.score_ids(ids, tokenizer_fingerprint=fp_b, model="rm", model_version=va)
+            )
+            assert code == grpc.StatusCode.FAILED_PRECONDITION
+            now = c.score_ids(ids, tokenizer_fingerprint=fp_b, model="rm")
+            assert {x.model_version for x in now} == {vb}
+    finally:
+        sp.stop()
