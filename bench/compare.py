@@ -31,11 +31,18 @@ from reward_server.engine.calibration import apply_intra_op_threads
 
 TARGETS = (
     "server", "server_ids", "inprocess", "inprocess_tight", "inprocess_b1", "naive", "arrival",
-    "fill", "http", "invariant", "server_stream",
+    "fill", "http", "invariant", "server_stream", "server_fp", "server_fp_stream",
+    "server_fp_ids",
 )  # fmt: skip
-SAME_PROCESS = {"server_ids": "server", "http": "server", "server_stream": "server"}
-"""Targets measured on the `server` process with other requests or calls: token ids, the HTTP
-door, and the same requests over one ScoreStream per client."""
+SAME_PROCESS = {
+    "server_ids": "server",
+    "http": "server",
+    "server_stream": "server",
+    "server_fp_stream": "server_fp",
+    "server_fp_ids": "server_fp",
+}
+"""Targets measured on another target's server process with other requests or calls: token ids,
+the HTTP door, and the same requests over one ScoreStream per client."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -84,6 +91,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "(ScoreItem.token_ids, tokenised once up front by the model's tokenizer)",
     )
     p.add_argument("--server-arg", action="append", default=[], help="extra `serve` flag")
+    # targets server_fp, server_fp_stream, server_fp_ids: another server process started with
+    # the same flags and --forward-process, loaded with the requests of server, server_stream
+    # and server_ids
     p.add_argument("--models-dir", type=Path, default=DEFAULT_DIR)
     p.add_argument("--out", type=Path, default=Path("runs/bench"))
     p.add_argument("--seed", type=int, default=0)
@@ -131,7 +141,8 @@ def run(a: argparse.Namespace) -> dict:
     runner = _runner(model, a.backend, a.device, threads)
     pairs, lengths = make_pairs(2000, dist, a.seed, runner.tokenizer)
     requests = build_requests(pairs, shape, 4000, a.seed, model="rm")
-    if "server_ids" in targets:  # the same items (same seed), as the ids the server would make
+    # the same items (same seed), as the ids the server would make
+    if {"server_ids", "server_fp_ids"} & set(targets):
         from reward_server.models.reward import ScoreInput
 
         def encode(texts: list[str]) -> list[list[int]]:
@@ -179,6 +190,11 @@ def run(a: argparse.Namespace) -> dict:
             servers["arrival"] = start_reward_server("arrival", serve_args, logs, variant="arrival")
         if "fill" in targets:
             servers["fill"] = start_reward_server("fill", serve_args, logs, variant="fill")
+        if {"server_fp", "server_fp_stream", "server_fp_ids"} & set(targets):
+            # the same server with its forwards in worker processes (--forward-process)
+            servers["server_fp"] = start_reward_server(
+                "server_fp", [*serve_args, "--forward-process"], logs
+            )
         if "invariant" in targets:  # the same server with --batch-invariant and its own
             # stream and thread defaults (one single-threaded stream per core on a CPU)
             own = {"--forward-streams", "--intra-op-threads"}
@@ -214,7 +230,7 @@ def run(a: argparse.Namespace) -> dict:
         for rep in range(a.repeats):
             order = targets[rep % len(targets) :] + targets[: rep % len(targets)]
             for target in order:
-                pids = [os.getpid(), *(s.proc.pid for s in servers.values())]
+                pids = [os.getpid(), *(p for s in servers.values() for p in _tree(s.proc.pid))]
                 meter = machine.LoadMeter(pids)
                 row: dict[str, Any] = {"repeat": rep, "target": target}
                 if target in servers or target in SAME_PROCESS:
@@ -224,7 +240,8 @@ def run(a: argparse.Namespace) -> dict:
 
                     def on_window(which: str, sp=sp, snaps=snaps, cpu=cpu) -> None:
                         snaps[which] = sp.metrics()
-                        cpu[which] = machine.process_cpu_seconds(sp.proc.pid)
+                        cpu[which] = sum(map(machine.process_cpu_seconds, _tree(sp.proc.pid)))
+                        cpu[f"main_{which}"] = machine.process_cpu_seconds(sp.proc.pid)
                         cpu[f"client_{which}"] = machine.process_cpu_seconds(os.getpid())
 
                     start = rng.randrange(len(requests))
@@ -237,16 +254,20 @@ def run(a: argparse.Namespace) -> dict:
                     if target == "http":
                         url = f"http://{sp.host}:{http_port}"
                         res = load_http(url, a.http_route, bodies[start:] + bodies, **kw)
-                    elif target == "server_ids":
+                    elif target in ("server_ids", "server_fp_ids"):
                         res = load(sp.address, id_requests[start:] + id_requests, **kw)
-                    elif target == "server_stream":
+                    elif target in ("server_stream", "server_fp_stream"):
                         res = load(sp.address, requests[start:] + requests, stream=True, **kw)
                     else:
                         res = load(sp.address, requests[start:] + requests, **kw)
                     row.update(res.summary())
-                    if res.requests:  # the server process's CPU (all threads) per request
+                    if res.requests:  # the server's CPU (all threads, and its forward processes)
                         row["server_cpu_us_per_request"] = round(
                             (cpu["end"] - cpu["start"]) / res.requests * 1e6, 1
+                        )
+                        # of which its main process (the rest: its --forward-process workers)
+                        row["server_main_cpu_us_per_request"] = round(
+                            (cpu["main_end"] - cpu["main_start"]) / res.requests * 1e6, 1
                         )
                         # the load generator's process: its clients share the machine
                         row["client_cpu_us_per_request"] = round(
@@ -314,6 +335,16 @@ def run(a: argparse.Namespace) -> dict:
     return result
 
 
+def _tree(pid: int) -> list[int]:
+    """A process and its descendants (a server's forward processes, `--forward-process`)."""
+    import psutil
+
+    try:
+        return [pid, *(c.pid for c in psutil.Process(pid).children(recursive=True))]
+    except psutil.NoSuchProcess:
+        return [pid]
+
+
 def rate(row: dict) -> float:
     """Real tokens/s of a row: for a server, what its forwards completed in the window (exact
     even when requests outlast the window); in-process rows are timed directly."""
@@ -343,7 +374,7 @@ def summarize(rows: list[dict]) -> dict:
     for r in rows:
         if r["target"] in ("inprocess", "inprocess_tight"):
             limits[r["repeat"]] = max(limits.get(r["repeat"], 0.0), rate(r))
-    for target in ("server", "server_ids"):
+    for target in ("server", "server_ids", "server_fp", "server_fp_stream", "server_fp_ids"):
         best = [
             round(rate(x) / limits[x["repeat"]], 3)
             for x in rows
@@ -371,6 +402,14 @@ def summarize(rows: list[dict]) -> dict:
         ("server_stream", "server"),
         ("server_stream", "inprocess"),
         ("server_stream", "naive"),
+        ("server_fp", "inprocess"),
+        ("server_fp", "server"),
+        ("server_fp", "naive"),
+        ("server_fp_stream", "inprocess"),
+        ("server_fp_stream", "server_stream"),
+        ("server_fp_stream", "naive"),
+        ("server_fp_ids", "inprocess"),
+        ("server_fp_ids", "server_fp"),
     ]:
         vals = ratio(num, den)
         if vals:
@@ -382,7 +421,8 @@ def markdown(result: dict) -> str:
     """A table of the rows and the ratios."""
     lines = [
         "| repeat | target | real tok/s | client tok/s | items/s | p50 ms | p99 ms | batch items "
-        "| pad eff | queue ms | server CPU us/req | client CPU us/req | others' cores |",
+        "| pad eff | queue ms | server CPU us/req (main process) | client CPU us/req "
+        "| others' cores |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
@@ -394,7 +434,8 @@ def markdown(result: dict) -> str:
             f"{r.get('p50_ms', float('nan')):.0f} | {r.get('p99_ms', float('nan')):.0f} | "
             f"{m.get('mean_batch_items', float('nan')):.1f} | {eff:.3f} | "
             f"{m.get('mean_queue_ms', float('nan')):.0f} | "
-            f"{r.get('server_cpu_us_per_request', float('nan')):.0f} | "
+            f"{r.get('server_cpu_us_per_request', float('nan')):.0f} "
+            f"({r.get('server_main_cpu_us_per_request', float('nan')):.0f}) | "
             f"{r.get('client_cpu_us_per_request', float('nan')):.0f} | "
             f"{r['load']['others_cores']:.2f} |"
         )

@@ -88,6 +88,12 @@ class ServerConfig:
     intra_op_threads: int = 0
     """torch (and onnxruntime) intra-op threads per forward; 0 = the default, and with several
     forward streams on a CPU, the usable cores divided among the streams."""
+    forward_process: bool = False
+    """CPU, torch backend: run each model's forward in worker processes of its own (one per
+    forward stream), not on a thread of the server's process, so the model's Python and the
+    request path (gRPC, asyncio, tokenisation) never wait for one interpreter lock. The weights
+    are loaded once and shared with the workers; a worker that dies fails its batch with
+    UNAVAILABLE and is started again (docs/API.md, "Batching")."""
     batch_overhead_tokens: float = -1.0
     """A forward's fixed cost in tokens' worth, which decides how much padding a batch may take on
     to add an item (docs/API.md, batching). -1 = per device: measured at warm-up on a CPU
@@ -285,6 +291,16 @@ class ServerConfig:
         for key in ("tls_cert", "tls_key", "tls_client_ca", "auth_token_file", "admin_token_file"):
             val = getattr(self, key)
             require(not val or os.path.isfile(val), f"{key}: file {val!r} does not exist")
+        require(
+            not (self.forward_process and self.device.startswith("cuda")),
+            "forward_process runs the forward on a CPU only (a GPU's kernels already run outside "
+            "the interpreter lock; use forward_streams there)",
+        )
+        require(
+            not (self.forward_process and self.backend != "torch"),
+            "forward_process needs the torch backend (onnxruntime runs its forward outside the "
+            "interpreter lock already)",
+        )
         if self.backend == "onnx":
             require(self.quantization == "none", "quantization applies to the torch backend only")
             require(

@@ -60,14 +60,16 @@ class ScoreStreamMux:
                 self._call = self._open(metadata=self._metadata)
                 self._reader = asyncio.ensure_future(self._read(self._call, self._waiting))
             self._waiting.append(fut)
+            call = self._call
             try:
-                await self._call.write(request)
+                await call.write(request)
             except (grpc.RpcError, grpc.aio.UsageError, asyncio.InvalidStateError) as err:
                 # the transport broke under us (a refused request is answered in the stream, not
                 # here): this call fails as the others waiting on the stream, UNAVAILABLE, so
-                # the client retries it (on another replica when it has one)
+                # the client retries it (on another replica when it has one). The reader may
+                # have seen the break first (it then failed `fut` already and dropped `call`).
                 self._broken(
-                    self._call,
+                    call,
                     Failure(grpc.StatusCode.UNAVAILABLE, f"the stream to the server broke: {err}"),
                 )
         try:
@@ -93,7 +95,7 @@ class ScoreStreamMux:
 
     def _broken(self, call: Any, failure: Failure) -> None:
         """Fail every call waiting on `call` and forget it (the next call opens a new one)."""
-        if self._call is call:
+        if call is not None and self._call is call:
             self._call = None
             waiting, self._waiting = self._waiting, collections.deque()
         else:

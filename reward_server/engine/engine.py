@@ -4,8 +4,9 @@ the model registry (`registry`) and one dynamic batcher per model (`batcher`).
 The path of one request (docs/ARCHITECTURE.md, "The path of one request"): the servicer calls
 `score` or `reference_logprobs`, which check the request against the limits, resolve the model
 through the registry, and submit the items to that model's batcher, which runs the model
-runner's forward. Validation lives here and in the runners, so every transport shares it.
-Imports no grpc."""
+runner's forward (with ``forward_process``, in the model's worker processes:
+`forward_process.ForwardProcess`). Validation lives here and in the runners, so every transport
+shares it. Imports no grpc."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from reward_server import __version__
-from reward_server.config import ServerConfig
+from reward_server.config import ConfigError, ServerConfig
 from reward_server.engine import calibration
 from reward_server.engine.batcher import DEFAULT_TENANT, BatchObserver, DynamicBatcher
 from reward_server.engine.registry import ModelRegistry
@@ -58,6 +59,8 @@ class Served:
     version: str
     users: int = 0
     expires: float = math.inf
+    forwarder: Any = None
+    """With ``forward_process``: the `ForwardProcess` running this version's forwards."""
 
 
 @dataclass
@@ -132,6 +135,9 @@ class Engine:
         self.streams = 1
         self.overhead_tokens: float | None = None
         self._worker: ThreadPoolExecutor | None = None
+        self._threads = 0
+        self._forwarders: dict[str, Any] = {}
+        """With ``forward_process``: the loaded models' `ForwardProcess`, until `start`."""
         self._tokenizer_pool = ThreadPoolExecutor(
             config.tokenizer_threads, thread_name_prefix="tokenize"
         )
@@ -150,7 +156,22 @@ class Engine:
             cfg.resolved_intra_op_threads(), self.streams, self.device
         )
         self.max_batch_tokens = cfg.resolved_max_batch_tokens(self.device)
+        self._threads = threads
+        if cfg.forward_process:
+            _check_forward_process(cfg, self.device)
         self.registry.load(self.device, threads)
+        if cfg.forward_process:
+            for name, runner in self.registry.runners().items():
+                self._forwarders[name] = self._forward_process(runner)
+
+    def _forward_process(self, runner: Any) -> Any:
+        """The worker processes running `runner`'s forwards (``forward_process``), started."""
+        from reward_server.engine.forward_process import ForwardProcess
+
+        on_groups = getattr(self.observer, "on_prefix_groups", None)
+        return ForwardProcess(
+            runner, self.streams, self._threads, on_groups, self.config.batch_invariant
+        )
 
     def start(self) -> None:
         """Create the device's forward streams (worker threads) and one batcher per model (on
@@ -158,15 +179,17 @@ class Engine:
         self._worker = ThreadPoolExecutor(self.streams, thread_name_prefix=f"forward-{self.device}")
         self._reload_lock = asyncio.Lock()
         for name, runner in self.registry.runners().items():
-            b = self._batcher(name, runner)
+            fwd = self._forwarders.pop(name, None)
+            b = self._batcher(name, runner, fwd)
             if self.overhead_tokens is not None:  # set, or CUDA's; else measured at warm-up
                 b.overhead_tokens = self.overhead_tokens
             b.start()
             self.batchers[name] = b
-            self.served[name] = Served(name, runner, b, self.registry.versions[name])
+            self.served[name] = Served(name, runner, b, self.registry.versions[name], forwarder=fwd)
 
-    def _batcher(self, name: str, runner: Any) -> DynamicBatcher:
-        """A (not yet started) batcher for one runner, with the configured settings."""
+    def _batcher(self, name: str, runner: Any, forwarder: Any = None) -> DynamicBatcher:
+        """A (not yet started) batcher for one runner, with the configured settings; its forwards
+        run on `forwarder` (a `ForwardProcess`) when given."""
         cfg = self.config
         # the batcher's settings that are config keys of the same name
         same = ("max_batch_items", "max_wait_ms", "skip_wait_when_idle", "max_queue_items")
@@ -175,9 +198,13 @@ class Engine:
         if on_groups is not None and getattr(runner, "prefix_sharing", False):
             runner.on_sharing = _sharing_reporter(on_groups)
         assert self._worker is not None, "start() first"
+        if forwarder is not None:  # batch-invariant: items one at a time in the worker
+            forward = forwarder.forward
+        else:
+            forward = one_at_a_time(runner.forward) if cfg.batch_invariant else runner.forward
         return DynamicBatcher(
             name,
-            one_at_a_time(runner.forward) if cfg.batch_invariant else runner.forward,
+            forward,
             self._worker,
             max_batch_tokens=self.max_batch_tokens,
             max_inflight=self.streams,
@@ -194,7 +221,8 @@ class Engine:
         (`calibration.measure_overhead_tokens`)."""
         loop = asyncio.get_running_loop()
         cfg = self.config
-        for name, runner in self.registry.runners().items():
+        for name in self.registry.runners():
+            runner = self.served[name].forwarder or self.served[name].runner
             t0 = time.monotonic()
             items = runner.warmup_items(self.max_batch_tokens, cfg.max_batch_items)
             await loop.run_in_executor(self._worker, runner.forward, items)
@@ -215,10 +243,14 @@ class Engine:
             b.close()
 
     def _all_batchers(self) -> list[DynamicBatcher]:
-        return [*self.batchers.values(), *(s.batcher for v in self.retired.values() for s in v)]
+        return [s.batcher for s in self._all_served()]
+
+    def _all_served(self) -> list[Served]:
+        return [*self.served.values(), *(s for v in self.retired.values() for s in v)]
 
     async def stop(self) -> None:
-        """Stop the batchers (retired versions' too) and the worker threads."""
+        """Stop the batchers (retired versions' too), the worker threads and the forward
+        processes."""
         for t in list(self._retiring):
             t.cancel()
         for b in self._all_batchers():
@@ -226,6 +258,9 @@ class Engine:
         if self._worker is not None:
             self._worker.shutdown(wait=False, cancel_futures=True)
         self._tokenizer_pool.shutdown(wait=False, cancel_futures=True)
+        forwarders = [s.forwarder for s in self._all_served() if s.forwarder is not None]
+        if forwarders:
+            await asyncio.get_running_loop().run_in_executor(None, _close_all, forwarders)
 
     # ------------------------------------------------------------------ requests
     def _check_count(self, n: int, what: str) -> None:
@@ -475,7 +510,9 @@ class Engine:
                 return ReloadResult(
                     name, cur.version, version, "unchanged", source, time.monotonic() - t0, 0.0
                 )
-            runner = await loop.run_in_executor(None, self._load_warm, role, name, source)
+            runner, forwarder = await loop.run_in_executor(
+                None, self._load_warm, role, name, source
+            )
         except Exception as exc:  # ModelLoadError, OSError, a bad config...: the old one stays
             log.error(
                 "reload of %r from %s failed; version %s keeps serving: %s",
@@ -488,12 +525,12 @@ class Engine:
                 f"reload of model {name!r} from {source!r} failed, version {cur.version} keeps "
                 f"serving: {type(exc).__name__}: {exc}"
             ) from exc
-        batcher = self._batcher(name, runner)
+        batcher = self._batcher(name, runner, forwarder)
         batcher.overhead_tokens = cur.batcher.overhead_tokens  # same device, same shape of cost
         if cur.batcher.overhead_learner is not None:  # and refitted from its own forwards
             batcher.overhead_learner = calibration.OverheadLearner(batcher.overhead_tokens)
         batcher.start()
-        new = Served(name, runner, batcher, version)
+        new = Served(name, runner, batcher, version, forwarder=forwarder)
         # The switch: no await from here to the return, so no request sees half of it.
         now = time.monotonic()
         for cname, comb in self.registry.combinations.items():
@@ -529,14 +566,22 @@ class Engine:
         )
         return ReloadResult(name, cur.version, version, "reloaded", source, took, window)
 
-    def _load_warm(self, role: str, name: str, source: str) -> Any:
-        """Load a runner and, with `warmup`, run one largest-batch forward (on a loader thread)."""
+    def _load_warm(self, role: str, name: str, source: str) -> tuple[Any, Any]:
+        """Load a runner (and with ``forward_process`` start its worker processes) and, with
+        `warmup`, run one largest-batch forward (on a loader thread): (runner, forwarder)."""
         t0 = time.monotonic()
         runner = self.registry.build_runner(role, name, source)
         log.info("loaded new version of %r from %s in %.1fs", name, source, time.monotonic() - t0)
-        if self.config.warmup:
-            runner.forward(runner.warmup_items(self.max_batch_tokens, self.config.max_batch_items))
-        return runner
+        forwarder = self._forward_process(runner) if self.config.forward_process else None
+        try:
+            if self.config.warmup:
+                run = forwarder or runner
+                run.forward(run.warmup_items(self.max_batch_tokens, self.config.max_batch_items))
+        except BaseException:
+            if forwarder is not None:
+                forwarder.close()
+            raise
+        return runner, forwarder
 
     async def _retire(self, old: Served) -> None:
         """After the transition window and the last request using it, stop an old version."""
@@ -545,6 +590,8 @@ class Engine:
             await asyncio.sleep(0.05)
         old.batcher.close()
         await old.batcher.stop()
+        if old.forwarder is not None:
+            await asyncio.get_running_loop().run_in_executor(None, old.forwarder.close)
         versions = self.retired.get(old.name, [])
         if old in versions:
             versions.remove(old)
@@ -552,6 +599,25 @@ class Engine:
         for cname, olds in self.retired_combinations.items():
             self.retired_combinations[cname] = [c for c in olds if c.expires > now]
         log.info("version %s of %r dropped (transition window over)", old.version, old.name)
+
+
+def _check_forward_process(cfg: ServerConfig, device: str) -> None:
+    """``forward_process`` runs torch models on a CPU: a clear error for anything else."""
+    if device != "cpu":
+        raise ConfigError(
+            f"forward_process runs the forward on a CPU only (device {device!r}): on a GPU the "
+            "forward's kernels already run outside the interpreter lock; use forward_streams"
+        )
+    if cfg.backend != "torch":
+        raise ConfigError(
+            f"forward_process needs the torch backend (backend {cfg.backend!r}): onnxruntime "
+            "runs its whole forward outside the interpreter lock already"
+        )
+
+
+def _close_all(forwarders: list[Any]) -> None:
+    for f in forwarders:
+        f.close()
 
 
 def _mismatch(name: str, pinned: str, serving: str) -> str:
