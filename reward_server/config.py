@@ -170,6 +170,11 @@ class ServerConfig:
     max_queue_items."""
     tenant_quotas: dict[str, str] = field(default_factory=dict)
     """Per-tenant override of tenant_max_queued_items: tenant name -> items (0 = no quota)."""
+    tenant_fast_lane: bool = True
+    """While other tenants' forwards hold the device, run a light tenant's queued items (one
+    that asks no more than its share and at most a quarter of max_batch_tokens) at once in one
+    extra forward on a thread of its own, instead of after the running forward and in a full
+    batch (docs/API.md, "Tenants"). Off: every batch waits for a forward stream."""
     max_metadata_tenants: int = 64
     """With auth off: distinct tenant names taken from the ``tenant`` metadata key (HTTP:
     X-Tenant header) before further names all count as the tenant ``other`` (bounds the metrics'

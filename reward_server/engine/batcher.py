@@ -14,7 +14,16 @@ the batcher forms the next batch while the others run.
 Tenants (the callers' identities, `serve/tenants.py`) share the batcher fairly: deficit round
 robin (Shreedhar & Varghese, "Efficient fair queueing using deficit round robin", SIGCOMM 1995)
 over per-tenant queues, counting tokens and weighted by each tenant's share, adapted to batches
-(`_fair_window`). With one tenant queued the batcher works exactly as above.
+(`_fair_window`). With one tenant queued the batcher works exactly as above. A *light* tenant
+(nothing in a forward, a few items queued, fewer recent tokens than its fair share: `_light`)
+is not made to wait for the others: a batch anchored on it takes little beyond its own items
+(`_light_budget`), and while every forward stream is busy its items run at once on a fast lane,
+one extra forward on a thread of the batcher's own (`_lane_window`). Peers bound how long short
+work waits on long work by bounding each step (vLLM's chunked prefill caps the tokens of one
+step, `max_num_batched_tokens`:
+https://docs.vllm.ai/en/latest/configuration/optimization.html); a reward forward cannot be split
+without changing the models, and capping every batch costs a CPU much of its throughput
+(docs/BENCHMARKS.md, tenants), so the short work runs beside the long instead.
 """
 
 from __future__ import annotations
@@ -25,7 +34,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import Executor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -34,6 +43,10 @@ from reward_server.errors import DeadlineExceeded, ResourceExhausted, ServiceErr
 log = logging.getLogger(__name__)
 DEFAULT_TENANT = "default"
 """The tenant of requests that name none (auth off and no ``tenant`` metadata)."""
+RECENT_HALF_LIFE_BATCHES = 8
+"""The tokens forwarded for each tenant decay by half per this many batch budgets of tokens
+forwarded in all (`DynamicBatcher._account`): the window over which a tenant's recent share is
+compared with its fair share (`DynamicBatcher._light`)."""
 FAIR_POOL_BATCHES = 2
 """With several tenants queued, the batch budgets' worth of eligible items a batch is chosen
 from (`DynamicBatcher._fair_window`). More would mean more choice and tighter batches, but once
@@ -156,6 +169,7 @@ class DynamicBatcher:
         tenant_shares: Mapping[str, float] | None = None,
         tenant_max_queued_items: int = 0,
         tenant_quotas: Mapping[str, int] | None = None,
+        tenant_fast_lane: bool = True,
     ) -> None:
         self.name = name
         self._run_batch = run_batch
@@ -188,6 +202,13 @@ class DynamicBatcher:
         self._deficit: dict[str, float] = {}  # DRR deficit counter per queued tenant, tokens
         self._anchored: dict[str, int] = {}  # fair batch in which a queued tenant last anchored
         self._fair_batches = 0
+        # the fast lane (`_lane_window`): one extra forward at a time, on a thread of its own,
+        # for a light tenant's items while other tenants' forwards hold the streams
+        self.tenant_fast_lane = tenant_fast_lane
+        self._lane_busy = False
+        self._lane_executor: ThreadPoolExecutor | None = None
+        self._inflight_tenants: dict[str, int] = {}  # items in a forward now, per tenant
+        self._recent: dict[str, float] = {}  # tokens forwarded recently per tenant (`_account`)
         # when set, refits overhead_tokens from the forwards run (calibration.OverheadLearner)
         self.overhead_learner: Any = None
 
@@ -212,6 +233,9 @@ class DynamicBatcher:
             self._task = None
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._lane_executor is not None:
+            self._lane_executor.shutdown(wait=False)
+            self._lane_executor = None
 
     # ------------------------------------------------------------------ submit
     async def submit(
@@ -392,14 +416,115 @@ class DynamicBatcher:
         candidates = [i for idx in eligible.values() for i in idx]
         anchor = candidates.index(eligible[anchor_tenant][0])
         lengths = [self._queue[i].length for i in candidates]
-        window = plan_window(
-            lengths, anchor, self.max_batch_tokens, self.max_batch_items, self.overhead_tokens
-        )
+        budget = self.max_batch_tokens
+        if len(eligible[anchor_tenant]) == self._queued[anchor_tenant] and self._light(
+            anchor_tenant
+        ):  # a light tenant's batch: little beyond its own items, so it returns fast
+            budget = self._light_budget(eligible[anchor_tenant])
+        window = plan_window(lengths, anchor, budget, self.max_batch_items, self.overhead_tokens)
         chosen = [candidates[k] for k in window]
         for i in chosen:
             p = self._queue[i]
             self._deficit[p.tenant] -= p.length
         return chosen
+
+    def lane_tokens(self) -> int:
+        """The most padded tokens of one fast-lane forward, and of a batch anchored on a light
+        tenant: a quarter of the batch budget (one share-1 tenant's DRR quantum)."""
+        return max(1, self.max_batch_tokens // 4)
+
+    def _light(self, tenant: str) -> bool:
+        """Whether `tenant` is *light*: another tenant has items queued or in a forward, nothing
+        of `tenant` is in a forward, it has at most `max_batch_items` items queued, and its
+        share of the tokens forwarded recently (`_recent`) is below its fair share among the
+        tenants active now (its weight over theirs). A light tenant waits on the others; a
+        backlogged one, or one that has had its share, is not light."""
+        queued = self._queued.get(tenant, 0)
+        if tenant in self._inflight_tenants or not queued or queued > self.max_batch_items:
+            return False
+        active = set(self._queued) | set(self._inflight_tenants)
+        if len(active) < 2:
+            return False
+        total = sum(self._recent.get(t, 0.0) for t in active)
+        if total <= 0:
+            return True
+        weights = sum(self.tenant_shares.get(t, 1.0) for t in active)
+        fair = self.tenant_shares.get(tenant, 1.0) / weights
+        return self._recent.get(tenant, 0.0) / total < fair
+
+    def _lane_window(self) -> list[int]:
+        """A batch for the fast lane (while every forward stream is busy), or none.
+
+        While the lane is free, the first light tenant (`_light`; in order of activation) whose
+        queued items all fit its DRR deficit (it asks no more than its quantum) and one lane
+        forward (`lane_tokens`) has its items run at once on the lane's thread, beside the
+        streams' forwards, instead of waiting for one of them to end. The batch is anchored on
+        its oldest item and takes other tenants' items (those their deficits cover) only within
+        `_light_budget`, so it stays short; each tenant's deficit pays for its tokens as in any
+        batch. Backlogged tenants never use the lane, and with one tenant there is none."""
+        if (
+            not self.tenant_fast_lane
+            or self._lane_busy
+            or len(self._queued) + len(self._inflight_tenants) < 2
+        ):
+            return []
+        for tenant in self._queued:
+            if not self._light(tenant):
+                continue
+            own = [i for i, p in enumerate(self._queue) if p.tenant == tenant]
+            lengths = [self._queue[i].length for i in own]
+            if sum(lengths) > self._deficit.get(tenant, 0.0):
+                continue
+            if len(own) * max(lengths) > self.lane_tokens():
+                continue
+            # company within a small cost: other tenants' oldest items that their deficits cover
+            by_tenant: dict[str, list[int]] = {}
+            for i in sorted(range(len(self._queue)), key=lambda i: self._queue[i].seq):
+                if self._queue[i].tenant != tenant:
+                    by_tenant.setdefault(self._queue[i].tenant, []).append(i)
+            candidates = list(own)
+            for t, idx in by_tenant.items():
+                budget = self._deficit.get(t, 0.0)
+                for i in idx:
+                    budget -= self._queue[i].length
+                    if budget < 0:
+                        break
+                    candidates.append(i)
+            window = plan_window(
+                [self._queue[i].length for i in candidates],
+                0,
+                self._light_budget(own),
+                self.max_batch_items,
+                self.overhead_tokens,
+            )
+            chosen = [candidates[k] for k in window]
+            for i in chosen:
+                self._deficit[self._queue[i].tenant] -= self._queue[i].length
+            return chosen
+        return []
+
+    def _light_budget(self, own: list[int]) -> int:
+        """The padded-token budget of a batch anchored on a light tenant whose queued items are
+        `own`: its own padded tokens plus at most one forward's fixed cost (`overhead_tokens`)
+        of other tenants' items, within `lane_tokens` (and the batch budget). Such a batch
+        costs at most about twice a forward of its own items, so the light tenant's answer
+        comes fast, and the fixed cost it pays anyway carries some of the others' work."""
+        own_padded = len(own) * max(self._queue[i].length for i in own)
+        budget = max(own_padded, min(self.lane_tokens(), own_padded + self.overhead_tokens))
+        return int(min(budget, self.max_batch_tokens))
+
+    def _account(self, batch: list[_Pending]) -> None:
+        """Count a batch's tokens in the tenants' recent tokens (`_recent`): every count decays
+        by half per `RECENT_HALF_LIFE_BATCHES` batch budgets of tokens forwarded, so the counts
+        are a moving window over the last few dozen batches (deterministic: no clock)."""
+        tokens = sum(p.length for p in batch)
+        decay = 0.5 ** (tokens / (RECENT_HALF_LIFE_BATCHES * self.max_batch_tokens))
+        for t in list(self._recent):
+            self._recent[t] *= decay
+            if self._recent[t] < 1.0 and t not in self._queued:
+                del self._recent[t]
+        for p in batch:
+            self._recent[p.tenant] = self._recent.get(p.tenant, 0.0) + p.length
 
     async def _loop(self) -> None:
         while True:
@@ -407,8 +532,14 @@ class DynamicBatcher:
             self._wakeup.clear()
             while True:
                 self._drop_dead()
-                if not self._queue or self._inflight >= self.max_inflight:
+                if not self._queue:
                     break
+                if self._inflight >= self.max_inflight:
+                    lane = self._lane_window()
+                    if not lane:
+                        break
+                    self._start(lane, lane=True)
+                    continue
                 window = self._window()
                 full = len(window) < len(self._queue) or len(window) >= self.max_batch_items
                 oldest = min(p.enqueued for p in self._queue)
@@ -432,27 +563,45 @@ class DynamicBatcher:
             return True
         return self._arrivals < 3 or self._lone_share < 0.9
 
-    def _start(self, window: list[int]) -> None:
-        """Take the window's items off the queue and forward them in a task of their own; the
-        loop is woken when it ends (a stream is free again)."""
+    def _start(self, window: list[int], lane: bool = False) -> None:
+        """Take the window's items off the queue and forward them in a task of their own (on the
+        fast lane's thread when `lane`); the loop is woken when it ends (a stream is free)."""
         chosen = set(window)
         batch = [self._queue[i] for i in sorted(window, key=lambda i: self._queue[i].seq)]
         self._queue = [p for i, p in enumerate(self._queue) if i not in chosen]
         for p in batch:
             self._dequeued(p.tenant)
+            self._inflight_tenants[p.tenant] = self._inflight_tenants.get(p.tenant, 0) + 1
+        self._account(batch)
         self._obs.on_queue_depth(self.name, len(self._queue))
-        self._inflight += 1
-        task = asyncio.get_running_loop().create_task(self._dispatch(batch))
+        if lane:
+            self._lane_busy = True
+            if self._lane_executor is None:
+                self._lane_executor = ThreadPoolExecutor(1, thread_name_prefix=f"lane-{self.name}")
+            executor: Executor = self._lane_executor
+        else:
+            self._inflight += 1
+            executor = self._executor
+        task = asyncio.get_running_loop().create_task(self._dispatch(batch, executor, lane))
         self._tasks.add(task)
 
         def done(t: asyncio.Task) -> None:
             self._tasks.discard(t)
-            self._inflight -= 1
+            if lane:
+                self._lane_busy = False
+            else:
+                self._inflight -= 1
+            for p in batch:
+                left = self._inflight_tenants[p.tenant] - 1
+                if left:
+                    self._inflight_tenants[p.tenant] = left
+                else:
+                    del self._inflight_tenants[p.tenant]
             self._wakeup.set()
 
         task.add_done_callback(done)
 
-    async def _dispatch(self, batch: list[_Pending]) -> None:
+    async def _dispatch(self, batch: list[_Pending], executor: Executor, lane: bool) -> None:
         start = time.monotonic()
         for p in batch:
             self._obs.on_queue_time(self.name, start - p.enqueued)
@@ -461,7 +610,7 @@ class DynamicBatcher:
         padded = max(p.length for p in batch) * len(batch)
         try:
             results = await asyncio.get_running_loop().run_in_executor(
-                self._executor, self._run_batch, payloads
+                executor, self._run_batch, payloads
             )
         except ServiceError as exc:
             self._fail(batch, exc)
@@ -474,7 +623,7 @@ class DynamicBatcher:
             return
         seconds = time.monotonic() - start
         self._obs.on_batch(self.name, len(batch), real, padded, seconds)
-        if self.overhead_learner is not None:
+        if self.overhead_learner is not None and not lane:  # a lane forward shares the cores
             self.overhead_tokens = self.overhead_learner.observe(padded, seconds)
         if len(results) != len(batch):
             self._fail(

@@ -212,6 +212,7 @@ class Engine:
             tenant_shares=cfg.shares(),
             tenant_max_queued_items=cfg.tenant_max_queued_items,
             tenant_quotas=cfg.quotas(),
+            tenant_fast_lane=cfg.tenant_fast_lane,
             **settings,
         )
 
