@@ -32,7 +32,7 @@ from reward_server.engine.calibration import apply_intra_op_threads
 TARGETS = (
     "server", "server_ids", "inprocess", "inprocess_tight", "inprocess_b1", "naive", "arrival",
     "fill", "http", "invariant", "server_stream", "server_fp", "server_fp_stream",
-    "server_fp_ids",
+    "server_fp_ids", "server_fp_stream_ids", "server_fp_http", "inprocess_streams",
 )  # fmt: skip
 SAME_PROCESS = {
     "server_ids": "server",
@@ -40,7 +40,11 @@ SAME_PROCESS = {
     "server_stream": "server",
     "server_fp_stream": "server_fp",
     "server_fp_ids": "server_fp",
+    "server_fp_stream_ids": "server_fp",
+    "server_fp_http": "server_fp",
 }
+INPROCESS = ("inprocess", "inprocess_tight", "inprocess_streams")
+"""The in-process limits: a repeat's best of those measured is its `best_inprocess`."""
 """Targets measured on another target's server process with other requests or calls: token ids,
 the HTTP door, and the same requests over one ScoreStream per client."""
 
@@ -67,15 +71,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--streams",
         type=int,
-        default=1,
+        default=None,
         help="forwards at once, for every target (server --forward-streams, naive workers, "
-        "in-process threads)",
+        "in-process threads); default 1, and the server_fp targets their own default (one "
+        "single-threaded worker per core)",
     )
     p.add_argument(
         "--threads",
         type=int,
-        default=0,
-        help="intra-op threads per forward for every target (0 = default; cores / streams)",
+        default=None,
+        help="intra-op threads per forward for every target (0 = default; cores / streams); "
+        "unset: the server_fp targets take their own default",
     )
     p.add_argument(
         "--http-route",
@@ -123,6 +129,11 @@ def _runner(model: str, backend: str, device: str = "cpu", threads: int = 0) -> 
 def run(a: argparse.Namespace) -> dict:
     """Run the comparison; return the result dict (also written to --out)."""
     targets = [t.strip() for t in a.targets.split(",") if t.strip()]
+    # --streams / --threads given: every target; not given: 1 stream of torch's default threads,
+    # and the --forward-process server its own defaults
+    fp_own_defaults = a.streams is None and a.threads is None
+    a.streams = 1 if a.streams is None else a.streams
+    a.threads = 0 if a.threads is None else a.threads
     if a.token_in and "server_ids" not in targets:
         targets.insert(targets.index("server") + 1 if "server" in targets else 0, "server_ids")
     bad = sorted(set(targets) - set(TARGETS))
@@ -142,7 +153,7 @@ def run(a: argparse.Namespace) -> dict:
     pairs, lengths = make_pairs(2000, dist, a.seed, runner.tokenizer)
     requests = build_requests(pairs, shape, 4000, a.seed, model="rm")
     # the same items (same seed), as the ids the server would make
-    if {"server_ids", "server_fp_ids"} & set(targets):
+    if {"server_ids", "server_fp_ids", "server_fp_stream_ids"} & set(targets):
         from reward_server.models.reward import ScoreInput
 
         def encode(texts: list[str]) -> list[list[int]]:
@@ -176,35 +187,44 @@ def run(a: argparse.Namespace) -> dict:
     ]
     logs = a.out / "logs"
     servers: dict[str, Any] = {}
-    if "http" in targets:  # the `server` process with its HTTP door open
+    http_ports: dict[str, int] = {}  # server process -> its HTTP door's port
+    if {"http", "server_fp_http"} & set(targets):
         from bench.http_load import http_bodies, load_http
         from reward_server.local_server import free_port
 
-        http_port = free_port()
-        serve_args += ["--http-port", str(http_port)]
         bodies = http_bodies(requests, a.http_route)
+        for name, door in (("server", "http"), ("server_fp", "server_fp_http")):
+            if door in targets:
+                http_ports[name] = free_port()
+
+    def door(name: str) -> list[str]:
+        return ["--http-port", str(http_ports[name])] if name in http_ports else []
+
     try:
         if {"server", "server_ids", "http", "server_stream"} & set(targets):
-            servers["server"] = start_reward_server("server", serve_args, logs)
+            servers["server"] = start_reward_server("server", serve_args + door("server"), logs)
         if "arrival" in targets:
             servers["arrival"] = start_reward_server("arrival", serve_args, logs, variant="arrival")
         if "fill" in targets:
             servers["fill"] = start_reward_server("fill", serve_args, logs, variant="fill")
-        if {"server_fp", "server_fp_stream", "server_fp_ids"} & set(targets):
-            # the same server with its forwards in worker processes (--forward-process)
+        own = {"--forward-streams", "--intra-op-threads"}
+        own_defaults = [  # serve_args without the stream and thread flags
+            x
+            for i, x in enumerate(serve_args)
+            if x not in own and (i == 0 or serve_args[i - 1] not in own)
+        ]
+        fp_targets = {t for t, s in SAME_PROCESS.items() if s == "server_fp"} | {"server_fp"}
+        if fp_targets & set(targets):
+            # the same server with its forwards in worker processes (--forward-process), with
+            # its own stream and thread defaults unless --streams / --threads were given
+            fp_args = own_defaults if fp_own_defaults else serve_args
             servers["server_fp"] = start_reward_server(
-                "server_fp", [*serve_args, "--forward-process"], logs
+                "server_fp", [*fp_args, *door("server_fp"), "--forward-process"], logs
             )
         if "invariant" in targets:  # the same server with --batch-invariant and its own
             # stream and thread defaults (one single-threaded stream per core on a CPU)
-            own = {"--forward-streams", "--intra-op-threads"}
-            inv_args = [
-                x
-                for i, x in enumerate(serve_args)
-                if x not in own and (i == 0 or serve_args[i - 1] not in own)
-            ]
             servers["invariant"] = start_reward_server(
-                "invariant", [*inv_args, "--batch-invariant"], logs
+                "invariant", [*own_defaults, "--batch-invariant"], logs
             )
         if "naive" in targets:
             servers["naive"] = start_naive_server(
@@ -225,6 +245,8 @@ def run(a: argparse.Namespace) -> dict:
         rows: list[dict] = []
         rng = random.Random(a.seed)
         inproc_items = 64
+        # inprocess_streams: one single-threaded forward stream per usable core
+        per_core = {"streams": len(os.sched_getaffinity(0)), "threads": 1}
         steps = a.repeats * len(targets)
         bar = tqdm(total=steps, desc=f"compare {a.kind}", unit="target")
         for rep in range(a.repeats):
@@ -251,11 +273,14 @@ def run(a: argparse.Namespace) -> dict:
                         warmup=a.warmup,
                         on_window=on_window,
                     )
-                    if target == "http":
-                        url = f"http://{sp.host}:{http_port}"
+                    if target in ("http", "server_fp_http"):
+                        url = f"http://{sp.host}:{http_ports[SAME_PROCESS[target]]}"
                         res = load_http(url, a.http_route, bodies[start:] + bodies, **kw)
                     elif target in ("server_ids", "server_fp_ids"):
                         res = load(sp.address, id_requests[start:] + id_requests, **kw)
+                    elif target == "server_fp_stream_ids":
+                        ids = id_requests[start:] + id_requests
+                        res = load(sp.address, ids, stream=True, **kw)
                     elif target in ("server_stream", "server_fp_stream"):
                         res = load(sp.address, requests[start:] + requests, stream=True, **kw)
                     else:
@@ -277,8 +302,9 @@ def run(a: argparse.Namespace) -> dict:
                         row["server_metrics"] = metric_delta(
                             snaps["start"], snaps["end"], "rm", a.duration
                         )
-                    if target == "server":
-                        inproc_items = max(32, min(4000, int(res.items_per_s * a.duration)))
+                    # the in-process pass scores as many items as the fastest server did in its
+                    # window (so it lasts about as long)
+                    inproc_items = max(inproc_items, min(4000, int(res.items_per_s * a.duration)))
                 else:
                     sample = rng.sample(pairs, min(len(pairs), inproc_items))
                     cap = 1 if target == "inprocess_b1" else a.max_batch_items
@@ -291,7 +317,7 @@ def run(a: argparse.Namespace) -> dict:
                         max_items=cap,
                         order="tight" if target == "inprocess_tight" else "sorted",
                         overhead_tokens=overhead,
-                        streams=a.streams,
+                        **(per_core if target == "inprocess_streams" else {"streams": a.streams}),
                     )
                     row.update(
                         items=r.items,
@@ -372,9 +398,18 @@ def summarize(rows: list[dict]) -> dict:
 
     limits: dict[int, float] = {}
     for r in rows:
-        if r["target"] in ("inprocess", "inprocess_tight"):
+        if r["target"] in INPROCESS:
             limits[r["repeat"]] = max(limits.get(r["repeat"], 0.0), rate(r))
-    for target in ("server", "server_ids", "server_fp", "server_fp_stream", "server_fp_ids"):
+    for target in (
+        "server",
+        "server_ids",
+        "server_stream",
+        "server_fp",
+        "server_fp_stream",
+        "server_fp_ids",
+        "server_fp_stream_ids",
+        "server_fp_http",
+    ):
         best = [
             round(rate(x) / limits[x["repeat"]], 3)
             for x in rows
@@ -410,6 +445,11 @@ def summarize(rows: list[dict]) -> dict:
         ("server_fp_stream", "naive"),
         ("server_fp_ids", "inprocess"),
         ("server_fp_ids", "server_fp"),
+        ("server_fp_stream_ids", "inprocess"),
+        ("server_fp_stream_ids", "server_fp_stream"),
+        ("server_fp_http", "inprocess"),
+        ("server_fp_http", "server_fp"),
+        ("inprocess_streams", "inprocess"),
     ]:
         vals = ratio(num, den)
         if vals:

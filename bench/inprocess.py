@@ -121,12 +121,30 @@ def run_inprocess(
     order: str = "sorted",
     overhead_tokens: float | None = None,
     streams: int = 1,
+    threads: int = 0,
 ) -> InprocessResult:
     """Tokenise and score `pairs` with `runner` (a RewardRunner or OnnxRewardRunner).
 
     order: "sorted" (fill the budget in length order), "arrival", or "tight" (sorted, with the
     server's cost-aware rule for `overhead_tokens`). `streams` forwards run at once (threads),
-    as the server's --forward-streams."""
+    as the server's --forward-streams; `threads` (when not 0) intra-op threads for this pass."""
+    if threads:
+        import torch
+
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            return run_inprocess(
+                runner,
+                pairs,
+                max_tokens=max_tokens,
+                max_items=max_items,
+                order=order,
+                overhead_tokens=overhead_tokens,
+                streams=streams,
+            )
+        finally:
+            torch.set_num_threads(before)
     t0 = time.perf_counter()
     encoded = runner.encode([ScoreInput(p, c) for p, c in pairs], "right")
     t1 = time.perf_counter()

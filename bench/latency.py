@@ -28,6 +28,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-wait-ms", type=float, default=5.0)
     p.add_argument("--duration", type=float, default=15.0)
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--server-arg", action="append", default=[], help="extra `serve` flag")
     p.add_argument("--models-dir", type=Path, default=DEFAULT_DIR)
     p.add_argument("--out", type=Path, default=Path("runs/bench"))
 
@@ -52,7 +53,7 @@ def run(a: argparse.Namespace) -> dict:
     runner = RewardRunner("rm", model, device="cpu", dtype=torch.float32)
     pairs, _ = make_pairs(200, LengthDist(a.length, a.length), 0, runner.tokenizer)
     requests = build_requests(pairs, RequestShape(1, 1), 200, 0, model="rm")
-    args = ["--reward-model", f"rm={model}", "--max-wait-ms", str(a.max_wait_ms)]
+    args = ["--reward-model", f"rm={model}", "--max-wait-ms", str(a.max_wait_ms), *a.server_arg]
     sp = start_reward_server("latency", args, a.out / "logs")
     rows = []
     try:

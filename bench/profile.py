@@ -41,6 +41,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--duration", type=float, default=12.0)
     p.add_argument("--rate", type=int, default=200, help="py-spy samples per second")
     p.add_argument("--token-in", action="store_true", help="send the items as token ids")
+    p.add_argument("--stream", action="store_true", help="each client over one ScoreStream")
     p.add_argument("--server-arg", action="append", default=[], help="extra `serve` flag")
     p.add_argument("--models-dir", type=Path, default=DEFAULT_DIR)
     p.add_argument("--out", type=Path, default=Path("runs/bench"))
@@ -69,7 +70,7 @@ def aggregate(raw: str) -> dict:
     by_job: collections.Counter = collections.Counter()
     for line in raw.splitlines():
         stack, _, n = line.rstrip().rpartition(" ")
-        if not stack:
+        if not stack or not n.isdigit():  # a frame name spanning lines (a docstring as a name)
             continue
         frames = stack.split(";")
         thread = frames[0].split(": ", 1)[-1].strip()
@@ -116,7 +117,14 @@ def run(a: argparse.Namespace) -> dict:
             "--nonblocking",
         ]
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-        res = load(sp.address, requests, clients=a.clients, duration=a.duration, warmup=0.5)
+        res = load(
+            sp.address,
+            requests,
+            clients=a.clients,
+            duration=a.duration,
+            warmup=0.5,
+            stream=a.stream,
+        )
         proc.wait(60)
     finally:
         sp.stop()

@@ -79,7 +79,8 @@ class ServerConfig:
     idle and its queue empty (one client waiting for each answer: waiting brings no company)."""
     forward_streams: int = 0
     """Forwards run at once per device, each on its own worker thread (like Triton's model
-    instances). 0 = per device: 2 on CUDA, 1 on a CPU. On a GPU the server's forward is bound by
+    instances). 0 = per device: 2 on CUDA, 1 on a CPU (with forward_process or batch_invariant,
+    one per usable core, each single-threaded). On a GPU the server's forward is bound by
     kernel launches under the interpreter lock it shares with the RPC threads, so a second stream
     keeps the GPU busy while the first launches (gpt2-1b on an H200: 77k -> 109k tokens/s,
     docs/BENCHMARKS.md, "GPU"). On a CPU, small models gain from 2 streams of 1 intra-op thread
@@ -87,10 +88,11 @@ class ServerConfig:
     activations."""
     intra_op_threads: int = 0
     """torch (and onnxruntime) intra-op threads per forward; 0 = the default, and with several
-    forward streams on a CPU, the usable cores divided among the streams."""
+    forward streams on a CPU, the usable cores divided among the streams (with forward_process:
+    elastic, a forward that starts while the other workers are idle uses every usable core)."""
     forward_process: bool = False
     """CPU, torch backend: run each model's forward in worker processes of its own (one per
-    forward stream), not on a thread of the server's process, so the model's Python and the
+    forward stream; by default one single-threaded worker per usable core), not on a thread of the server's process, so the model's Python and the
     request path (gRPC, asyncio, tokenisation) never wait for one interpreter lock. The weights
     are loaded once and shared with the workers; a worker that dies fails its batch with
     UNAVAILABLE and is started again (docs/API.md, "Batching")."""
@@ -351,12 +353,18 @@ class ServerConfig:
 
     def resolved_forward_streams(self, device: str) -> int:
         """Forwards at once on a device (the configured number, else 2 on CUDA, 1 on a CPU;
-        batch-invariant on a CPU: one per usable core, each forward being a single item)."""
+        batch-invariant on a CPU: one per usable core, each forward being a single item;
+        forward_process: one worker process per usable core, each single-threaded, as Triton
+        and TorchServe run CPU model instances: separate interpreters run their forwards' Python
+        side by side, and one worker runs while the server turns the other's batch around; a
+        2 x 128 model, 32 clients x 1 item: 0.60x -> 0.85x the in-process limit with one worker
+        of 2 threads -> two of 1 thread, docs/BENCHMARKS.md)."""
         if self.forward_streams:
             return self.forward_streams
         if device.startswith("cuda"):
             return 2
-        return max(1, len(os.sched_getaffinity(0))) if self.batch_invariant else 1
+        per_core = self.batch_invariant or self.forward_process
+        return max(1, len(os.sched_getaffinity(0))) if per_core else 1
 
     def resolved_intra_op_threads(self) -> int:
         """The configured intra-op threads; batch-invariant: 1 unless set (a forward's float

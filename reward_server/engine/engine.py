@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -169,8 +170,15 @@ class Engine:
         from reward_server.engine.forward_process import ForwardProcess
 
         on_groups = getattr(self.observer, "on_prefix_groups", None)
+        # threads not configured: a forward that starts alone may use every usable core
+        cores = 0 if self.config.intra_op_threads else len(os.sched_getaffinity(0))
         return ForwardProcess(
-            runner, self.streams, self._threads, on_groups, self.config.batch_invariant
+            runner,
+            self.streams,
+            self._threads,
+            on_groups,
+            self.config.batch_invariant,
+            max_threads=cores,
         )
 
     def start(self) -> None:

@@ -81,23 +81,28 @@ def _worker_main(conn: Any, parent: int) -> None:
     runner.on_sharing = report  # read by runners that share prefixes; others ignore it
     forward = one_at_a_time(runner.forward) if alone else runner.forward
     conn.send(("ready", os.getpid()))
+    current = torch.get_num_threads()
     while True:
         try:
-            batch = conn.recv()
+            msg = conn.recv()
         except (EOFError, OSError):
             return
-        if batch is None:
+        if msg is None:
             return
+        batch, want = msg
+        if want and want != current:  # elastic threads (ForwardProcess.forward)
+            torch.set_num_threads(want)
+            current = want
         sharing.clear()
         try:
             out = forward(batch)
-            reply: tuple = ("ok", out, list(sharing))
+            reply: tuple = ("ok", out, list(sharing), current)
         except Exception as exc:  # noqa: BLE001 - the main process fails the batch with it
-            reply = ("error", exc, None)
+            reply = ("error", exc, None, current)
         try:
             conn.send(reply)
         except Exception as exc:  # noqa: BLE001 - an exception that does not pickle
-            conn.send(("error", RuntimeError(f"{type(exc).__name__}: {exc}"), None))
+            conn.send(("error", RuntimeError(f"{type(exc).__name__}: {exc}"), None, current))
 
 
 class _Worker:
@@ -146,6 +151,7 @@ class ForwardProcess:
         threads: int = 0,
         on_groups: GroupsCallback | None = None,
         batch_invariant: bool = False,
+        max_threads: int = 0,
     ) -> None:
         import torch
         import torch.multiprocessing  # noqa: F401 - registers tensor sharing with the pickler
@@ -162,6 +168,13 @@ class ForwardProcess:
         model.share_memory()  # the workers map these pages: one copy of the weights
         state = {k: v for k, v in runner.__dict__.items() if k not in NOT_SHIPPED}
         threads = threads or torch.get_num_threads()
+        # elastic threads: a forward that starts while the other workers are idle takes up to
+        # `max_threads` (a lone request gets the cores one thread per worker would leave idle);
+        # under load each worker keeps `threads`. Not in batch-invariant mode (a forward's float
+        # sums are split across its threads: their number must stay fixed).
+        self.threads = threads
+        self.max_threads = 0 if batch_invariant else max(max_threads, threads)
+        self.last_threads = threads  # intra-op threads of the last forward answered
         # batch-invariant: the worker runs the items one at a time (`one_at_a_time`), so a batch
         # still crosses the pipe once
         self._payload = (type(runner), state, threads, batch_invariant)
@@ -209,7 +222,7 @@ class ForwardProcess:
                 self._idle.put_nowait(slot)
                 raise
         try:
-            w.conn.send(list(batch))
+            w.conn.send((list(batch), self._threads_for_next()))
             reply = w.conn.recv()
         except (EOFError, OSError) as exc:
             code = _exitcode(w)
@@ -231,13 +244,21 @@ class ForwardProcess:
                 "scoring this batch; it is being restarted, retry the request"
             ) from exc
         self._idle.put_nowait(slot)
-        status, out, sharing = reply
+        status, out, sharing, self.last_threads = reply
         if status == "error":
             raise out
         if sharing and self.on_groups is not None:
             for model, saved, sizes in sharing:
                 self.on_groups(model, saved, sizes)
         return out
+
+    def _threads_for_next(self) -> int:
+        """Intra-op threads for the forward about to start: the cores left to it by the workers
+        running now (`max_threads` shared among them), at least `threads`; 0 = unchanged."""
+        if self.max_threads <= self.threads:
+            return 0
+        running = len(self._workers) - self._idle.qsize()  # this forward's slot included
+        return max(self.threads, self.max_threads // max(1, running))
 
     def _restart(self, slot: int) -> None:
         """Start a crashed worker's replacement, then free its slot (a failed start leaves the

@@ -38,10 +38,14 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def _workers(log: str) -> dict[str, int]:
-    """The latest forward process pid of each model (slot 0), from the server's log."""
-    found = re.findall(r"model '([^']+)': forward process 0 \(pid (\d+)\) started", log)
-    return {name: int(pid) for name, pid in found}
+def _workers(log: str) -> dict[str, dict[int, int]]:
+    """The latest forward process pid of each model's worker slots, from the server's log."""
+    out: dict[str, dict[int, int]] = {}
+    for name, slot, pid in re.findall(
+        r"model '([^']+)': forward process (\d+) \(pid (\d+)\) started", log
+    ):
+        out.setdefault(name, {})[int(slot)] = int(pid)
+    return out
 
 
 def _wait(cond, timeout: float = 30.0) -> None:
@@ -65,6 +69,9 @@ def servers(tiny_ckpts, tmp_path_factory):
         "--reference-model", f"ref={tiny_ckpts.reference}",
         "--max-wait-ms", "5",
         "--batch-overhead-tokens", "1e9",  # a request is one batch on both: the same padding
+        # two forward streams of one thread on both (the same float sums; a set thread count
+        # turns the workers' elastic threads off); with --forward-process, two workers a model
+        "--forward-streams", "2", "--intra-op-threads", "1",
     ]  # fmt: skip
     thread = start_server(args, d, metrics=True, wait=False)
     proc = start_server(
@@ -108,8 +115,9 @@ def test_scores_and_logprobs_equal_the_in_thread_path(servers) -> None:
     # each model's forwards run in a worker process of the server
     pids = _workers(servers["proc"].log())
     assert set(pids) == {"rm", "rm2", "b", "ref"}
+    assert all(sorted(slots) == [0, 1] for slots in pids.values())
     children = {c.pid for c in psutil.Process(servers["proc"].proc.pid).children()}
-    assert set(pids.values()) <= children
+    assert {pid for slots in pids.values() for pid in slots.values()} <= children
 
 
 def test_prefix_sharing_metrics_are_counted(servers) -> None:
@@ -127,9 +135,10 @@ def test_prefix_sharing_metrics_are_counted(servers) -> None:
 def test_killed_worker_is_an_error_then_restarted(servers) -> None:
     sp = servers["proc"]
     want = _answers(sp.address)
-    old = _workers(sp.log())["rm"]
-    os.kill(old, signal.SIGKILL)
-    _wait(lambda: not _alive(old), 10)
+    olds = set(_workers(sp.log())["rm"].values())
+    for pid in olds:  # both of its workers: the next batch finds a dead one
+        os.kill(pid, signal.SIGKILL)
+    _wait(lambda: not any(map(_alive, olds)), 10)
     with RewardClient(sp.address, max_retries=0) as c:
         with pytest.raises(RewardServiceError) as ei:
             c.score(PAIRS, model="rm")
@@ -138,17 +147,25 @@ def test_killed_worker_is_an_error_then_restarted(servers) -> None:
         # the other models never noticed
         rm2 = [r.score for r in c.score(PAIRS, model="rm2")]
         assert rm2 == _answers(sp.address, "rm2")[0][: len(PAIRS)]
-    # the replacement answers (a request waits for it), with the same numbers
-    assert _answers(sp.address) == want
-    new = _workers(sp.log())["rm"]
-    assert new != old and _alive(new) and sp.proc.poll() is None
+    # the replacements answer (a request waits for one; the client retries a batch sent to the
+    # other dead worker), with the same numbers; each slot is replaced (in the background, a
+    # few seconds) once a batch found it dead
+    end = time.monotonic() + 90
+    while True:
+        assert _answers(sp.address) == want
+        new = _workers(sp.log())["rm"]
+        if all(p not in olds and _alive(p) for p in new.values()):
+            break
+        assert time.monotonic() < end, f"rm's workers not all replaced: {new} (killed {olds})"
+        time.sleep(0.2)
+    assert sp.proc.poll() is None
     assert "exited (signal 9) during a batch" in sp.log()
 
 
 def test_reload_moves_to_new_worker_processes(servers) -> None:
     sp = servers["proc"]
     want_b = _answers(sp.address, "b")[0]  # scores (a lone head is named after its model)
-    old = _workers(sp.log())["rm"]
+    old = set(_workers(sp.log())["rm"].values())
     with grpc.insecure_channel(sp.address) as ch:
         r = pb_grpc.AdminServiceStub(ch).ReloadModel(
             pb.ReloadModelRequest(model="rm", source=str(servers["b"])),
@@ -156,10 +173,10 @@ def test_reload_moves_to_new_worker_processes(servers) -> None:
             timeout=180,
         )
     assert r.status == "reloaded"
-    new = _workers(sp.log())["rm"]
-    assert new != old and _alive(new)
+    new = set(_workers(sp.log())["rm"].values())
+    assert len(new) == 2 and not new & old and all(map(_alive, new))
     assert _answers(sp.address, "rm")[0] == want_b
-    _wait(lambda: not _alive(old), 30)  # the old version's worker stops after its window
+    _wait(lambda: not any(map(_alive, old)), 30)  # the old version's workers stop after its window
 
 
 @pytest.mark.parametrize("how", ["sigterm", "sigkill"])

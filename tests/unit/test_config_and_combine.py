@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from reward_server.config import ServerConfig, parse_named
 from reward_server.config_base import ConfigError, load_config
+from reward_server.engine.calibration import default_intra_op_threads
 from reward_server.engine.combine import parse_combiner
 
 
@@ -97,6 +100,13 @@ def test_per_device_defaults_and_explicit_values_win():
         16384,
         2048,
     )
+    # --forward-process: one single-threaded worker per usable core
+    cores = len(os.sched_getaffinity(0))
+    fp = ServerConfig(reward_models={"rm": "x"}, forward_process=True)
+    assert fp.resolved_forward_streams("cpu") == cores
+    one = ServerConfig(reward_models={"rm": "x"}, forward_process=True, forward_streams=1)
+    assert one.resolved_forward_streams("cpu") == 1
+    assert default_intra_op_threads(0, cores, "cpu") == (1 if cores > 1 else 0)
     set_ = ServerConfig(
         reward_models={"rm": "x"}, forward_streams=3, batch_overhead_tokens=0, max_batch_tokens=512
     )

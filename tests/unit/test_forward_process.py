@@ -95,6 +95,55 @@ def test_two_streams_answer_at_once_batch_invariant(runner) -> None:
         fp.close()
 
 
+def test_a_lone_forward_takes_the_idle_workers_threads(runner) -> None:
+    """Elastic threads: a forward that starts while the other worker is idle runs with
+    `max_threads`; one that starts while the other runs keeps its own thread; batch-invariant
+    mode never changes the number."""
+    import threading
+
+    from reward_server.engine.forward_process import ForwardProcess
+
+    batch = _batch(runner)
+    fp = ForwardProcess(runner, streams=2, threads=1, max_threads=2)
+    try:
+        want = fp.forward(batch)
+        assert fp.last_threads == 2  # alone: both cores
+        slot = fp._idle.get()  # the other worker is busy now
+        try:
+            got = fp.forward(batch)
+            assert fp.last_threads == 1
+        finally:
+            fp._idle.put_nowait(slot)
+        for g, w in zip(got, want, strict=True):  # the same numbers within float rounding
+            np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+        fp.forward(batch)
+        assert fp.last_threads == 2  # alone again
+        # two at once: each gets one thread (the first may have started alone)
+        seen: list[int] = []
+        barrier = threading.Barrier(2)
+
+        def both() -> None:
+            barrier.wait()
+            for _ in range(5):
+                fp.forward(batch)
+                seen.append(fp.last_threads)
+
+        ts = [threading.Thread(target=both) for _ in range(2)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+        assert 1 in seen
+    finally:
+        fp.close()
+    fixed = ForwardProcess(runner, streams=2, threads=1, max_threads=2, batch_invariant=True)
+    try:
+        fixed.forward(batch)
+        assert fixed.last_threads == 1 and fixed._threads_for_next() == 0
+    finally:
+        fixed.close()
+
+
 @pytest.mark.parametrize(
     ("kw", "msg"),
     [({"device": "cuda"}, "CPU only"), ({"backend": "onnx"}, "torch backend")],
