@@ -124,7 +124,7 @@ def test_a_lone_forward_takes_the_idle_workers_threads(runner) -> None:
 
         def both() -> None:
             barrier.wait()
-            for _ in range(5):
+            for _ in range(20):
                 fp.forward(batch)
                 seen.append(fp.last_threads)
 
