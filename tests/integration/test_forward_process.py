@@ -192,7 +192,8 @@ def test_no_worker_outlives_the_server(tiny_ckpts, tmp_path, how) -> None:
             for c in psutil.Process(sp.proc.pid).children(recursive=True)
             if "spawn_main" in " ".join(c.cmdline())
         ]
-        assert workers and all(map(_alive, workers))
+        # the default: one worker per usable core
+        assert len(workers) == len(os.sched_getaffinity(0)) and all(map(_alive, workers))
         if how == "sigterm":
             assert sp.terminate(60) == 0
         else:
